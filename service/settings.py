@@ -1,0 +1,226 @@
+"""Vigil's one settings object, read from ``VIGIL_*`` environment variables.
+
+Each field reads the variable named ``VIGIL_`` + the field name in upper case; the docstring
+under a field is its documentation (``.env.example`` lists the same variables, a test keeps
+the two equal). Values are parsed strictly: a malformed value is a :class:`SettingsError`
+naming the variable, never a silent default.
+
+:func:`Settings.findings` lists unsafe choices (the seed's P0 rows: a default JWT secret,
+``*`` in CORS origins, the embedded database in production). :func:`Settings.enforce` makes
+them fatal when ``env`` is ``production`` and loud warnings otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["KNOWN_DEFAULT_SECRETS", "Finding", "Settings", "SettingsError"]
+
+PREFIX = "VIGIL_"
+
+#: Secrets that ship in examples and tutorials; a token signed with one of them is forgeable.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "",
+        "secret",
+        "changeme",
+        "change-me",
+        "change_me",
+        "your-secret-key",
+        "your-secret-key-here",
+        "supersecret",
+        "dev-secret",
+        "development-secret",
+        "replace-me-with-32-random-bytes-or-more",  # the placeholder in .env.example
+    }
+)
+MIN_SECRET_BYTES = 32
+
+
+class SettingsError(ValueError):
+    """A ``VIGIL_*`` variable is malformed or, in production, unsafe. The message names it."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One unsafe setting: fatal in production, a warning elsewhere."""
+
+    setting: str
+    problem: str
+
+    def line(self) -> str:
+        return f"{PREFIX}{self.setting.upper()}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything Vigil can be configured with. Immutable; build it with :meth:`from_env`."""
+
+    env: Literal["development", "test", "production"] = "development"
+    """Deployment environment. ``production`` turns unsafe findings into a refusal to start."""
+
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds to."""
+
+    port: int = 8000
+    """TCP port the HTTP server listens on."""
+
+    database_url: str = ""
+    """SQLAlchemy URL of PostgreSQL (``postgresql+asyncpg://…``). Empty: the embedded server
+    under ``data_dir`` (development only)."""
+
+    redis_url: str = ""
+    """Redis URL (``redis://host:port/db``). Empty: the embedded server under ``data_dir``."""
+
+    data_dir: Path = Path(".vigil")
+    """Folder for the embedded servers' data and their state file. Survives restarts."""
+
+    jwt_secret: str = ""
+    """HMAC key for access tokens, at least 32 bytes. Empty in development: a random key per
+    process (tokens die with it); in production: refusal to start."""
+
+    cors_origins: tuple[str, ...] = ()
+    """Comma-separated origins allowed by CORS. Empty disables CORS; ``*`` is refused in
+    production."""
+
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted; larger bodies answer 413."""
+
+    db_pool_size: int = 10
+    """Connections the pool keeps open."""
+
+    db_max_overflow: int = 20
+    """Connections opened beyond ``db_pool_size`` under load; the pool's maximum is the sum."""
+
+    db_pool_timeout_seconds: float = 2.0
+    """Longest a request waits for a pooled connection before it is answered 503."""
+
+    db_connect_timeout_seconds: float = 3.0
+    """Longest a new PostgreSQL connection may take to establish."""
+
+    db_statement_timeout_ms: int = 15_000
+    """PostgreSQL ``statement_timeout`` for the API's sessions; 0 disables it."""
+
+    db_pool_name: str = "primary"
+    """Value of the ``db_client_connection_pool_name`` label."""
+
+    probe_interval_seconds: float = 5.0
+    """How often the background prober checks PostgreSQL, Redis and migrations."""
+
+    probe_timeout_seconds: float = 1.0
+    """Longest one probe may take; a dead dependency costs the prober this, never a request."""
+
+    allow_migration_drift: bool = False
+    """Start in production even when the database is behind the code's migration head (the
+    manual override); drift is still exported and logged."""
+
+    log_level: str = "info"
+    """Lowest level logged: debug, info, warning, error."""
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """``json`` lines, ``console`` for people, or ``auto``: console on a TTY, JSON otherwise."""
+
+    access_log: bool = True
+    """One structured log line per HTTP request."""
+
+    trace_sample_ratio: float = 1.0
+    """Share of new traces sampled (parent-based: an incoming sampled ``traceparent`` is
+    always honoured). Spans are exported only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
+
+    service_name: str = "vigil"
+    """``service.name`` of traces and ``application_name`` of database sessions."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read every field from ``VIGIL_<FIELD>``; ``overrides`` win over the environment."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = env_name(f.name)
+            if name in environ:
+                values[f.name] = _parse(name, environ[name], hints[f.name])
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def embedded(self) -> bool:
+        """True when Vigil starts its own PostgreSQL or Redis."""
+        return not self.database_url or not self.redis_url
+
+    @property
+    def db_pool_max(self) -> int:
+        return self.db_pool_size + self.db_max_overflow
+
+    def findings(self) -> list[Finding]:
+        """Unsafe choices, fatal in production (seed rows SECRET_KEY and CORS, both P0)."""
+        found: list[Finding] = []
+        secret = self.jwt_secret
+        if not secret:
+            found.append(Finding("jwt_secret", "is not set"))
+        elif secret.strip().lower() in KNOWN_DEFAULT_SECRETS:
+            found.append(Finding("jwt_secret", "is a well-known default value"))
+        elif len(secret.encode()) < MIN_SECRET_BYTES:
+            found.append(Finding("jwt_secret", f"is shorter than {MIN_SECRET_BYTES} bytes"))
+        if "*" in self.cors_origins:
+            found.append(Finding("cors_origins", "contains '*', which lets any site call the API"))
+        if not self.database_url:
+            found.append(Finding("database_url", "is empty, so the embedded development database is used"))
+        return found
+
+    def enforce(self) -> list[Finding]:
+        """Raise :class:`SettingsError` (one line naming each setting) in production; return
+        the findings otherwise so the caller can warn about them."""
+        found = self.findings()
+        if found and self.is_production:
+            raise SettingsError("refusing to start in production: " + "; ".join(f.line() for f in found))
+        return found
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, raw: str, hint: object) -> object:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is Path:
+            return Path(raw)
+        if origin is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if origin is Literal:
+            allowed = typing.get_args(hint)
+            if raw not in allowed:
+                raise ValueError(f"expected one of {', '.join(allowed)}")
+            return raw
+        if hint is str or isinstance(hint, types.UnionType):
+            return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from None
+    raise SettingsError(f"{name}: unsupported setting type {hint!r}")  # pragma: no cover
