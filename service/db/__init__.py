@@ -1,0 +1,1 @@
+"""Data layer: the async engine and its instrumented pool, sessions and the ORM models."""
