@@ -1,0 +1,140 @@
+"""``create_app(settings)``: the Litestar application, with no work at import time.
+
+Resources (engine, Redis client, metrics, prober) are built here and opened in the
+lifespan; they live on ``app.state.vigil`` (:class:`Resources`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from litestar import Litestar, Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.db.engine import create_engine, create_sessionmaker
+from service.db.pool import observe_pool
+from service.db.session import provide_db_session
+from service.health import HealthController
+from service.probes import DependencyProber
+from service.problems import exception_handlers
+from service.settings import Settings, SettingsError
+from telemetry.http import HttpTelemetry
+from telemetry.logging import configure_logging, get_logger
+from telemetry.metrics import Metrics, render
+from telemetry.tracing import instrument_engine, instrument_redis, setup_tracing
+
+__all__ = ["Resources", "create_app", "version"]
+
+_log = get_logger("vigil.app")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("vigil")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class Resources:
+    """Everything a request handler or guardrail may need, one per application."""
+
+    settings: Settings
+    metrics: Metrics
+    tracer_provider: TracerProvider
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis
+    prober: DependencyProber
+
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def metrics_endpoint(request: Request[Any, Any, State]) -> Response[bytes]:
+    body, content_type = render(request.app.state.vigil.metrics, request.headers.get("accept"))
+    return Response(body, media_type=content_type)
+
+
+def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> Litestar:
+    """Build Vigil for ``settings``; the database and Redis URLs must be resolved (the CLI
+    starts the embedded servers and fills them in when they are empty).
+
+    ``extra_route_handlers`` are mounted beside Vigil's own, with its dependencies and
+    telemetry (benchmarks and tests use it for probe routes)."""
+    if not settings.database_url or not settings.redis_url:
+        raise SettingsError("VIGIL_DATABASE_URL and VIGIL_REDIS_URL must be resolved before create_app")
+    findings = settings.enforce()
+    configure_logging(settings.log_level, settings.log_format)
+    for finding in findings:
+        _log.warning("unsafe_setting", setting=finding.setting, problem=finding.problem, env=settings.env)
+
+    ver = version()
+    metrics = Metrics()
+    metrics.gauge("app_info").labels(ver, settings.env).set(1)
+    provider = setup_tracing(settings.service_name, ver, settings.env, settings.trace_sample_ratio)
+    engine = create_engine(settings, settings.database_url)
+    observe_pool(engine, metrics, settings.db_pool_name, settings.db_pool_max)
+    instrument_engine(engine, provider)
+    instrument_redis(provider)
+    resources = Resources(
+        settings=settings,
+        metrics=metrics,
+        tracer_provider=provider,
+        engine=engine,
+        sessionmaker=create_sessionmaker(engine),
+        redis=aioredis.from_url(settings.redis_url),
+        prober=DependencyProber(
+            settings.database_url,
+            settings.redis_url,
+            metrics,
+            interval=settings.probe_interval_seconds,
+            timeout=settings.probe_timeout_seconds,
+        ),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        snap = await resources.prober.probe_once()
+        if snap.drift != 0:
+            _log.warning(
+                "migration_drift_at_startup", drift=snap.drift, current=snap.revision,
+                head=resources.prober.head, override=settings.allow_migration_drift,
+            )  # fmt: skip
+            if settings.is_production and not settings.allow_migration_drift and snap.up.get("postgres"):
+                raise SettingsError(
+                    f"refusing to start in production: database is {snap.drift} migration(s) behind head "
+                    f"{resources.prober.head} (run `vigil db upgrade`, or set VIGIL_ALLOW_MIGRATION_DRIFT=1)"
+                )
+        resources.prober.start()
+        _log.info("vigil_started", version=ver, env=settings.env)
+        try:
+            yield
+        finally:
+            await resources.prober.stop()
+            await resources.redis.aclose()
+            await engine.dispose()
+            _log.info("vigil_stopped")
+
+    app = Litestar(
+        route_handlers=[HealthController, metrics_endpoint, *extra_route_handlers],
+        dependencies={"db_session": Provide(provide_db_session)},
+        state=State({"vigil": resources}),
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers(),
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )
+    # Outside Litestar's router so 404s and 405s are measured too (see telemetry.http).
+    app.asgi_handler = HttpTelemetry(  # type: ignore[assignment]  # an ASGI app; Litestar's alias is narrower
+        app.asgi_handler, metrics, provider.get_tracer("vigil.http"), access_log=settings.access_log
+    )
+    return app

@@ -1,0 +1,164 @@
+"""The ``vigil`` command.
+
+    vigil run                     serve the API (embedded PostgreSQL + Redis when no URLs are set)
+    vigil db upgrade [REV]        apply migrations (default: head)
+    vigil db downgrade REV        revert migrations (``-1``, ``base`` or a revision id)
+    vigil db current              print the database's revision, head and drift
+    vigil settings FORMAT         print the documented settings (env-example or markdown)
+
+Exit codes: 0 success, 2 refused configuration (one line on stderr naming the setting),
+3 the server failed to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+from service.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+STATE_FILE = "embedded.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _running_embedded(settings: Settings) -> dict[str, str] | None:
+    """URLs of the embedded servers a live ``vigil run`` started under ``data_dir``."""
+    path = settings.data_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if _pid_alive(int(state.get("pid", 0))) else None
+
+
+@contextlib.contextmanager
+def embedded_servers(settings: Settings, announce: bool = True) -> Iterator[Settings]:
+    """Start the embedded servers the settings leave unset; yield settings with their URLs."""
+    from service.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    data_dir = settings.data_dir.resolve()
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    resolved = settings
+    try:
+        if not settings.database_url:
+            pg = EmbeddedPostgres(data_dir / "postgres")
+            pg.start()
+            started.append(pg)
+            resolved = dataclasses.replace(resolved, database_url=pg.url())
+        if not settings.redis_url:
+            rd = EmbeddedRedis(data_dir / "redis")
+            rd.start()
+            started.append(rd)
+            resolved = dataclasses.replace(resolved, redis_url=rd.url())
+        if started:
+            state = {"pid": os.getpid(), "database_url": resolved.database_url, "redis_url": resolved.redis_url}
+            (data_dir / STATE_FILE).write_text(json.dumps(state))
+            if announce:
+                print(
+                    f"vigil: embedded servers under {data_dir}: {', '.join(s.name for s in started)}", file=sys.stderr
+                )
+        yield resolved
+    finally:
+        for server in reversed(started):
+            server.stop()
+        with contextlib.suppress(OSError):
+            if started:
+                (data_dir / STATE_FILE).unlink()
+
+
+def _database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
+    if settings.database_url:
+        return settings.database_url
+    running = _running_embedded(settings)
+    if running:
+        return running["database_url"]
+    return stack.enter_context(embedded_servers(dataclasses.replace(settings, redis_url="unused"))).database_url
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.db import migrate
+
+    settings.enforce()  # refuse before starting anything
+    host = args.host or settings.host
+    port = args.port or settings.port
+    with embedded_servers(settings) as resolved:
+        if settings.embedded and not settings.database_url:
+            migrate.upgrade(resolved.database_url)
+        app = create_app(resolved)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+        server = uvicorn.Server(config)
+        print(f"vigil: serving on http://{host}:{port}", file=sys.stderr)
+        server.run()
+        return 0 if server.started else 3
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from service.db import migrate
+
+    with contextlib.ExitStack() as stack:
+        url = _database_url(settings, stack)
+        if args.db_command == "upgrade":
+            migrate.upgrade(url, args.revision)
+        elif args.db_command == "downgrade":
+            migrate.downgrade(url, args.revision)
+        cur = migrate.current(url)
+        print(json.dumps({"current": cur, "head": migrate.head(), "drift": migrate.drift(cur)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vigil", description="Vigil automation API")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the API")
+    run.add_argument("--host", default=None)
+    run.add_argument("--port", type=int, default=None)
+    db = sub.add_parser("db", help="database migrations")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="apply migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    down = dbsub.add_parser("downgrade", help="revert migrations")
+    down.add_argument("revision")
+    dbsub.add_parser("current", help="show revision and drift")
+    st = sub.add_parser("settings", help="print the documented settings")
+    st.add_argument("format", choices=["env-example", "markdown"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "settings":
+            from service.settings_doc import env_example, markdown_table
+
+            print(env_example() if args.format == "env-example" else markdown_table())
+            return 0
+        settings = Settings.from_env()
+        if args.command == "run":
+            return cmd_run(settings, args)
+        return cmd_db(settings, args)
+    except SettingsError as exc:
+        print(f"vigil: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

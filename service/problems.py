@@ -1,0 +1,86 @@
+"""RFC 9457 problem details for every 4xx and 5xx answer.
+
+Exception hierarchy the handlers map (anything else is a logged 500 that leaks nothing)::
+
+    HTTPException (Litestar)            -> its status; validation errors list each field
+    ├── ValidationException             -> 400, ``errors[].field`` names the bad field
+    ├── NotFoundException, 405, 413 …   -> their status
+    └── ServiceUnavailable (here)       -> 503 + Retry-After (shedding, dependency down)
+    sqlalchemy.exc.TimeoutError         -> 503 + Retry-After (connection pool exhausted)
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from sqlalchemy import exc as sa_exc
+
+from telemetry.logging import get_logger, request_id_var
+
+__all__ = ["PROBLEM_JSON", "ServiceUnavailable", "exception_handlers", "problem"]
+
+PROBLEM_JSON = "application/problem+json"
+_log = get_logger("vigil.errors")
+
+
+class ServiceUnavailable(HTTPException):
+    """503 with an honest ``Retry-After`` (seconds): Vigil sheds instead of hanging."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after: int = 1, **kwargs: Any) -> None:
+        headers = {"Retry-After": str(max(1, retry_after))}
+        super().__init__(detail=detail, headers=headers, **kwargs)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    rid = request_id_var.get()
+    if rid is not None:
+        body["request_id"] = rid
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _field_errors(extra: Any) -> list[dict[str, Any]]:
+    errors = []
+    for item in extra if isinstance(extra, list) else []:
+        if isinstance(item, dict):
+            errors.append(
+                {
+                    "field": item.get("key") or item.get("field"),
+                    "message": item.get("message"),
+                    "source": item.get("source"),
+                }
+            )
+    return errors
+
+
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        errors = _field_errors(exc.extra)
+        fields = ", ".join(str(e["field"]) for e in errors if e["field"])
+        detail = f"Invalid input: {fields}" if fields else exc.detail
+        return problem(status, detail, exc.headers, errors=errors)
+    extra = exc.extra if isinstance(exc.extra, dict) else {}
+    detail = exc.detail if exc.detail != HTTPStatus(status).phrase else ""
+    return problem(status, detail, exc.headers, **extra)
+
+
+def _pool_timeout(request: Request[Any, Any, Any], exc: sa_exc.TimeoutError) -> Response[dict[str, Any]]:
+    return problem(503, "The database connection pool is exhausted; retry shortly.", {"Retry-After": "1"})
+
+
+def _unhandled(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    _log.error("unhandled_exception", route=request.scope.get("path_template"), exc_info=exc)
+    return problem(500, "An unexpected error occurred; it has been logged with this request id.")
+
+
+def exception_handlers() -> Any:  # Litestar's handler-map type is invariant in the exception type
+    return {HTTPException: _http_exception, sa_exc.TimeoutError: _pool_timeout, Exception: _unhandled}

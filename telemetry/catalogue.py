@@ -1,0 +1,140 @@
+"""The metric catalogue: the one list of every metric Vigil exposes (the contract).
+
+Dashboards, alert rules, docs and tests read names from here. Names follow the
+OpenTelemetry semantic conventions translated to Prometheus: dots become underscores, the
+unit is a suffix (``_seconds``, ``_bytes``) and counters end in ``_total``.
+
+Labels are bounded by construction: none of them ever carries a user id, a raw path, an
+e-mail, an error message or a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["CATALOGUE", "HTTP_DURATION_BUCKETS", "MetricSpec", "spec"]
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+#: OpenTelemetry's advisory buckets for ``http.server.request.duration``.
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the contract, as a scraper sees it."""
+
+    name: str
+    """Exposed name; counters include ``_total``."""
+
+    kind: Kind
+    unit: str
+    """UCUM-style unit: ``s``, ``By``, ``1`` or a ``{annotation}``."""
+
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()
+    """Histogram bucket bounds in the metric's unit."""
+
+    collected: bool = False
+    """True when the value is read from live state at scrape time by a collector (for example
+    the connection pool) rather than updated as things happen."""
+
+
+CATALOGUE: tuple[MetricSpec, ...] = (
+    # --- HTTP server (OTel http.server.*) ---------------------------------------------------
+    MetricSpec(
+        "http_server_request_duration_seconds",
+        "histogram",
+        "s",
+        ("http_request_method", "http_route", "http_response_status_code"),
+        "Duration of HTTP server requests, by route template.",
+        buckets=HTTP_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        "http_server_active_requests",
+        "gauge",
+        "{request}",
+        ("http_request_method",),
+        "HTTP server requests in flight.",
+    ),
+    # --- Database connection pool (OTel db.client.connection.*) -----------------------------
+    MetricSpec(
+        "db_client_connection_count",
+        "gauge",
+        "{connection}",
+        ("db_client_connection_pool_name", "db_client_connection_state"),
+        "Connections in the pool by state (idle or used).",
+        collected=True,
+    ),
+    MetricSpec(
+        "db_client_connection_max",
+        "gauge",
+        "{connection}",
+        ("db_client_connection_pool_name",),
+        "Most connections the pool may hold (size plus overflow).",
+        collected=True,
+    ),
+    MetricSpec(
+        "db_client_connection_pending_requests",
+        "gauge",
+        "{request}",
+        ("db_client_connection_pool_name",),
+        "Requests waiting for a pooled connection.",
+    ),
+    MetricSpec(
+        "db_client_connection_timeouts_total",
+        "counter",
+        "{timeout}",
+        ("db_client_connection_pool_name",),
+        "Checkouts that gave up waiting for a pooled connection.",
+    ),
+    MetricSpec(
+        "db_client_connection_wait_time_seconds",
+        "histogram",
+        "s",
+        ("db_client_connection_pool_name",),
+        "Time spent waiting for a pooled connection.",
+        buckets=WAIT_BUCKETS,
+    ),
+    # --- Dependencies and schema --------------------------------------------------------------
+    MetricSpec(
+        "db_migration_drift",
+        "gauge",
+        "{revision}",
+        (),
+        "Migration revisions the database is behind the code's head; -1 = unknown revision.",
+    ),
+    MetricSpec(
+        "dependency_up",
+        "gauge",
+        "1",
+        ("dependency",),
+        "1 when the last probe of the dependency succeeded within its timeout, else 0.",
+    ),
+    MetricSpec(
+        "dependency_probe_duration_seconds",
+        "histogram",
+        "s",
+        ("dependency",),
+        "Duration of background dependency probes (a timed-out probe counts its timeout).",
+        buckets=WAIT_BUCKETS,
+    ),
+    # --- Build ----------------------------------------------------------------------------------
+    MetricSpec(
+        "app_info",
+        "gauge",
+        "1",
+        ("version", "env"),
+        "Always 1; the labels say which build runs where.",
+    ),
+)
+
+_BY_NAME = {m.name: m for m in CATALOGUE}
+
+
+def spec(name: str) -> MetricSpec:
+    """The catalogue entry for ``name``; ``KeyError`` when the contract has no such metric."""
+    return _BY_NAME[name]

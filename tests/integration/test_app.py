@@ -1,0 +1,161 @@
+"""The running app: health endpoints, /metrics, traces, logs and problem details."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import msgspec
+import pytest
+from litestar import get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.app import create_app
+from service.embedded import EmbeddedRedis
+from telemetry.catalogue import CATALOGUE
+from tests.support import samples, settings_for, value
+
+
+class Thing(msgspec.Struct):
+    name: str
+    size: int
+
+
+@get("/probe/items/{item_id:int}")
+async def read_item(item_id: FromPath[int], db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
+    row = (await db_session.execute(text("SELECT CAST(:id AS integer) AS id"), {"id": item_id})).one()
+    return {"id": row.id}
+
+
+@post("/probe/things")
+async def create_thing(data: JSONBody[Thing]) -> dict[str, Any]:
+    return {"name": data.name}
+
+
+@pytest.fixture
+async def client(migrated_url: str, redis_server: EmbeddedRedis):  # type: ignore[no-untyped-def]
+    app = create_app(settings_for(migrated_url, redis_server.url(), max_body_bytes=2048), [read_item, create_thing])
+    async with AsyncTestClient(app) as c:
+        yield c
+
+
+async def test_live_answers_without_dependencies(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """/health/live is 200 with a JSON status."""
+    r = await client.get("/health/live")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+async def test_ready_lists_each_check(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """/health/ready is 200 with one entry per check: database, redis, migrations, pool."""
+    r = await client.get("/health/ready")
+    assert r.status_code == 200, r.text
+    checks = r.json()["checks"]
+    assert {"database", "redis", "migrations", "pool"} <= set(checks)
+    assert checks["database"]["status"] == "ok"
+    assert checks["redis"]["status"] == "ok"
+    assert checks["migrations"] == {"status": "ok", "current": checks["migrations"]["head"],
+                                    "head": checks["migrations"]["head"], "drift": 0}  # fmt: skip
+    assert 0 <= checks["pool"]["utilisation"] <= 1
+
+
+async def test_metrics_show_every_catalogue_metric_after_one_request(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """After one request /metrics exposes every metric of the catalogue, with app_info labels."""
+    await client.get("/probe/items/7")
+    text_ = (await client.get("/metrics")).text
+    names = {name for s in CATALOGUE for name in [s.name]}
+    exposed = {line.split("{")[0].split(" ")[0] for line in text_.splitlines() if line and not line.startswith("#")}
+    missing = [n for n in names if not any(e == n or e.startswith(n + "_") for e in exposed)]
+    assert missing == []
+    assert value(text_, "app_info", env="test") == 1.0
+
+
+async def test_http_route_label_is_the_template(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """http_route carries the route template, never the raw path; unknown paths are 'unmatched'."""
+    await client.get("/probe/items/41")
+    await client.get("/probe/items/42")
+    await client.get("/no/such/path/99")
+    text_ = (await client.get("/metrics")).text
+    routes = {labels["http_route"] for labels, _ in samples(text_, "http_server_request_duration_seconds_count")}
+    assert "/probe/items/{item_id}" in routes
+    assert "unmatched" in routes
+    assert not any(re.search(r"/\d+", r) for r in routes if "{" not in r)
+    count = value(text_, "http_server_request_duration_seconds_count", http_route="/probe/items/{item_id}",
+                  http_request_method="GET", http_response_status_code="200")  # fmt: skip
+    assert count == 2
+
+
+async def test_openmetrics_exposes_trace_id_exemplars(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """A scraper asking for OpenMetrics gets trace_id exemplars on the latency histogram."""
+    await client.get("/probe/items/1")
+    r = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert re.search(
+        r'http_server_request_duration_seconds_bucket\{.*\} \d+(\.\d+)? # \{trace_id="[0-9a-f]{32}"\}', r.text
+    )
+
+
+async def test_server_span_named_by_template_with_db_child_and_parent(client: AsyncTestClient, spans) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """The server span is 'GET /route/{template}', continues an incoming traceparent, and the
+    SQL statement is its child span."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = "00f067aa0ba902b7"
+    r = await client.get("/probe/items/5", headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    assert r.status_code == 200
+    finished = spans.get_finished_spans()
+    server = next(s for s in finished if s.name == "GET /probe/items/{item_id}")
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert format(server.parent.span_id, "016x") == parent
+    assert server.attributes["http.route"] == "/probe/items/{item_id}"
+    assert server.attributes["http.response.status_code"] == 200
+    children = [s for s in finished if s.parent is not None and s.parent.span_id == server.context.span_id]
+    assert any(s.attributes.get("db.system") in ("postgresql", "postgres") or "SELECT" in s.name for s in children)
+    assert r.headers["x-request-id"] == trace_id
+
+
+async def test_redis_commands_are_child_spans(client: AsyncTestClient, redis_server: EmbeddedRedis, spans) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """Once an app is built, Redis commands issued inside a span are recorded as its children."""
+    import redis.asyncio as aioredis
+    from opentelemetry import trace
+
+    r = aioredis.from_url(redis_server.url())
+    with trace.get_tracer("test").start_as_current_span("outer") as outer:
+        await r.ping()
+    await r.aclose()
+    finished = spans.get_finished_spans()
+    assert any(s.name == "PING" and s.parent and s.parent.span_id == outer.get_span_context().span_id for s in finished)
+
+
+async def test_access_log_line_carries_request_and_trace_ids(client: AsyncTestClient, capfd) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """Each request writes one JSON access-log line with request id, trace id and span id."""
+    capfd.readouterr()
+    await client.get("/health/live", headers={"X-Request-ID": "req-abc-123"})
+    lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("event") == "http_request"]
+    assert len(access) == 1
+    line = access[0]
+    assert line["request_id"] == "req-abc-123"
+    assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"]) and re.fullmatch(r"[0-9a-f]{16}", line["span_id"])
+    assert line["route"] == "/health/live" and line["status"] == 200
+
+
+async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """Invalid input gets 400 problem+json naming the field; unknown routes 404; oversized 413."""
+    r = await client.post("/probe/things", json={"name": "x", "size": "big"})
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == 400 and any(e["field"] == "size" for e in body["errors"])
+    r = await client.post("/probe/things", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
+    r = await client.get("/nowhere")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+    r = await client.post(
+        "/probe/things", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json")
