@@ -93,3 +93,24 @@ async def test_drift_override_keeps_readiness(fresh_database_url: str, redis_ser
         assert r.status_code == 200
         assert r.json()["checks"]["migrations"]["status"] == "warn"
         assert await _metric(client, "db_migration_drift") == len(migrate.pending(None)) - 1
+
+
+async def test_production_refuses_to_start_behind_head(fresh_database_url: str, redis_server: EmbeddedRedis) -> None:
+    """In production, a database behind the migration head stops startup with an error naming
+    the override, unless VIGIL_ALLOW_MIGRATION_DRIFT is set."""
+    import traceback
+
+    import pytest
+
+    url = fresh_database_url
+    await asyncio.to_thread(migrate.upgrade, url, migrate.pending(None)[0])
+    prod = {"env": "production", "cors_origins": ("https://app.example",)}
+    with pytest.raises(BaseException) as refused:  # the test client wraps it in an ExceptionGroup
+        async with AsyncTestClient(create_app(settings_for(url, redis_server.url(), **prod))):
+            pass
+    assert "SettingsError: refusing to start in production" in "".join(traceback.format_exception(refused.value))
+    assert "VIGIL_ALLOW_MIGRATION_DRIFT" in "".join(traceback.format_exception(refused.value))
+    async with AsyncTestClient(
+        create_app(settings_for(url, redis_server.url(), allow_migration_drift=True, **prod))
+    ) as c:
+        assert (await c.get("/health/live")).status_code == 200
