@@ -122,6 +122,81 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "Duration of background dependency probes (a timed-out probe counts its timeout).",
         buckets=WAIT_BUCKETS,
     ),
+    # --- Circuit breakers (service/guardrails/breaker.py) ---------------------------------------
+    MetricSpec(
+        "circuit_breaker_state",
+        "gauge",
+        "1",
+        ("breaker", "state"),
+        "1 for the breaker's current state, 0 for the others (closed/open/half_open/forced_open/disabled).",
+    ),
+    MetricSpec(
+        "circuit_breaker_calls_total",
+        "counter",
+        "{call}",
+        ("breaker", "outcome"),
+        "Calls through a breaker by outcome: successful, failed, slow, not_permitted.",
+    ),
+    MetricSpec(
+        "circuit_breaker_transitions_total",
+        "counter",
+        "{transition}",
+        ("breaker", "from_state", "to_state"),
+        "State transitions of a breaker.",
+    ),
+    MetricSpec(
+        "circuit_breaker_failure_rate",
+        "gauge",
+        "1",
+        ("breaker",),
+        "Share of failed calls in the breaker's sliding window (0-1); -1 below the minimum number of calls.",
+    ),
+    MetricSpec(
+        "circuit_breaker_slow_call_rate",
+        "gauge",
+        "1",
+        ("breaker",),
+        "Share of slow calls in the breaker's sliding window (0-1); -1 below the minimum number of calls.",
+    ),
+    # --- Retry (service/guardrails/retry.py) ----------------------------------------------------
+    MetricSpec(
+        "retry_attempts_total",
+        "counter",
+        "{attempt}",
+        ("operation", "outcome"),
+        "Attempts of retried idempotent operations: success, retry (transient error, will retry),"
+        " exhausted (transient error, no attempts or time left), non_retryable.",
+    ),
+    # --- Cache (service/guardrails/cache.py) ----------------------------------------------------
+    MetricSpec(
+        "cache_requests_total",
+        "counter",
+        "{request}",
+        ("cache", "result"),
+        "Cache lookups by result: hit, miss, stale (served past freshness), error (storage failed).",
+    ),
+    MetricSpec(
+        "cache_fallback_active",
+        "gauge",
+        "1",
+        ("cache",),
+        "1 while the cache serves from its in-process fallback because Redis is unreachable.",
+    ),
+    MetricSpec(
+        "cache_recomputations_total",
+        "counter",
+        "{computation}",
+        ("cache", "reason"),
+        "Values computed by the cache's loader: miss, early_refresh (XFetch), fallback.",
+    ),
+    # --- Graceful degradation ---------------------------------------------------------------------
+    MetricSpec(
+        "degraded_responses_total",
+        "counter",
+        "{response}",
+        ("route",),
+        "Responses served degraded (stale data from cache while the database is unavailable), by route template.",
+    ),
     # --- Build ----------------------------------------------------------------------------------
     MetricSpec(
         "app_info",

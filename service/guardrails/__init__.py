@@ -1,0 +1,1 @@
+"""Guardrails, one module each, named as in the metric catalogue, dashboards, alerts and runbooks."""
