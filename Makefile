@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install lint typecheck bench clean
+.PHONY: run test install lint typecheck bench clean settings-docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ typecheck: install
 
 bench: install
 	$(BIN)/python bench/telemetry_overhead.py
+
+settings-docs: install
+	$(BIN)/vigil settings env-example > .env.example
+	$(BIN)/python -c "import pathlib; from service.settings_doc import with_table; p = pathlib.Path('README.md'); p.write_text(with_table(p.read_text()))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

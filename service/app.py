@@ -20,9 +20,17 @@ from litestar.di import Provide
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.admin import AdminController
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.pool import observe_pool
 from service.db.session import provide_db_session
+from service.guardrails.breaker import CircuitBreaker
+from service.guardrails.breaker_admin import BreakerRegistry
+from service.guardrails.cache import Cache
+from service.guardrails.config import cache_config, database_breaker_config, database_retry_config
+from service.guardrails.database import DatabaseGuard
+from service.guardrails.degradation import DegradableReads, stamp_degraded
+from service.guardrails.retry import Retrier
 from service.health import HealthController
 from service.probes import DependencyProber
 from service.problems import exception_handlers
@@ -55,6 +63,10 @@ class Resources:
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: aioredis.Redis
     prober: DependencyProber
+    breakers: BreakerRegistry
+    db: DatabaseGuard
+    cache: Cache
+    reads: DegradableReads
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
@@ -84,13 +96,22 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
     observe_pool(engine, metrics, settings.db_pool_name, settings.db_pool_max)
     instrument_engine(engine, provider)
     instrument_redis(provider)
+    redis = aioredis.from_url(settings.redis_url)
+    sessionmaker = create_sessionmaker(engine)
+    breakers = BreakerRegistry(redis, sync_interval=settings.probe_interval_seconds)
+    db_breaker = breakers.add(CircuitBreaker("database", database_breaker_config(settings), metrics))
+    cache = Cache("api", redis, cache_config(settings), metrics)
     resources = Resources(
         settings=settings,
         metrics=metrics,
         tracer_provider=provider,
         engine=engine,
-        sessionmaker=create_sessionmaker(engine),
-        redis=aioredis.from_url(settings.redis_url),
+        sessionmaker=sessionmaker,
+        redis=redis,
+        breakers=breakers,
+        db=DatabaseGuard(sessionmaker, db_breaker, Retrier(database_retry_config(settings), metrics)),
+        cache=cache,
+        reads=DegradableReads(cache, metrics),
         prober=DependencyProber(
             settings.database_url,
             settings.redis_url,
@@ -114,21 +135,24 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
                     f"{resources.prober.head} (run `vigil db upgrade`, or set VIGIL_ALLOW_MIGRATION_DRIFT=1)"
                 )
         resources.prober.start()
+        resources.breakers.start()
         _log.info("vigil_started", version=ver, env=settings.env)
         try:
             yield
         finally:
             await resources.prober.stop()
+            await resources.breakers.stop()
             await resources.redis.aclose()
             await engine.dispose()
             _log.info("vigil_stopped")
 
     app = Litestar(
-        route_handlers=[HealthController, metrics_endpoint, *extra_route_handlers],
+        route_handlers=[HealthController, AdminController, metrics_endpoint, *extra_route_handlers],
         dependencies={"db_session": Provide(provide_db_session)},
         state=State({"vigil": resources}),
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
+        before_send=[stamp_degraded],
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
         request_max_body_size=settings.max_body_bytes,
         debug=False,

@@ -4,6 +4,8 @@
     vigil db upgrade [REV]        apply migrations (default: head)
     vigil db downgrade REV        revert migrations (``-1``, ``base`` or a revision id)
     vigil db current              print the database's revision, head and drift
+    vigil breaker list            print the operator overrides in force (all instances)
+    vigil breaker set NAME STATE  forced_open, disabled or auto, applied by every instance
     vigil settings FORMAT         print the documented settings (env-example or markdown)
 
 Exit codes: 0 success, 2 refused configuration (one line on stderr naming the setting),
@@ -123,6 +125,39 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    running = _running_embedded(settings)
+    if running:
+        return running["redis_url"]
+    raise SettingsError("VIGIL_REDIS_URL is empty and no embedded `vigil run` is running under VIGIL_DATA_DIR")
+
+
+def cmd_breaker(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from service.guardrails.breaker_admin import OVERRIDE_KEY, as_text
+
+    async def go() -> dict[str, str]:
+        client = aioredis.from_url(_redis_url(settings), socket_timeout=2, socket_connect_timeout=2)
+        try:
+            if args.breaker_command == "set":
+                if args.state == "auto":
+                    await client.hdel(OVERRIDE_KEY, args.name)
+                else:
+                    await client.hset(OVERRIDE_KEY, args.name, args.state)
+            raw = await client.hgetall(OVERRIDE_KEY)
+            return {as_text(k): as_text(v) for k, v in raw.items()}
+        finally:
+            await client.aclose()
+
+    print(json.dumps({"overrides": asyncio.run(go())}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vigil", description="Vigil automation API")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     down = dbsub.add_parser("downgrade", help="revert migrations")
     down.add_argument("revision")
     dbsub.add_parser("current", help="show revision and drift")
+    br = sub.add_parser("breaker", help="circuit breaker overrides")
+    brsub = br.add_subparsers(dest="breaker_command", required=True)
+    brsub.add_parser("list", help="print the overrides in force")
+    brset = brsub.add_parser("set", help="override a breaker on every instance")
+    brset.add_argument("name", help="breaker name, e.g. database")
+    brset.add_argument("state", choices=["forced_open", "disabled", "auto"])
     st = sub.add_parser("settings", help="print the documented settings")
     st.add_argument("format", choices=["env-example", "markdown"])
     return parser
@@ -152,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "run":
             return cmd_run(settings, args)
+        if args.command == "breaker":
+            return cmd_breaker(settings, args)
         return cmd_db(settings, args)
     except SettingsError as exc:
         print(f"vigil: {exc}", file=sys.stderr)

@@ -181,6 +181,9 @@ class EmbeddedPostgres(_Server):
         if self.running:
             return
         self._initdb()
+        if self.user is not None:
+            # Again at every start: another process (a test runner) may have tightened a parent.
+            _make_traversable(self.data_dir.parent)
         self._stop_stale()
         argv = [
             str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),

@@ -4,8 +4,8 @@ Readiness fails (503) only on what makes this instance unable to serve: PostgreS
 the schema behind the code (unless the drift override is set). Redis down is reported as
 ``degraded`` with 200, because rate limiting, caching and fan-out fall back in-process:
 pulling every instance out of the load balancer when Redis dies would turn a degradation
-into an outage. Pool utilisation above 80% is a ``warn``: shedding already answers 503 per
-request, and an unready instance would push its load onto its peers.
+into an outage. Pool utilisation above 80% and a breaker not closed are ``warn``: shedding
+already answers 503 per request, and an unready instance would push its load onto its peers.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def readiness(state: State) -> tuple[bool, dict[str, Any]]:
         "status": "warn" if util > POOL_WARN_UTILISATION else "ok",
         "utilisation": round(util, 3),
         "max": res.settings.db_pool_max,
+    }
+    states = {b["name"]: b["state"] for b in res.breakers.snapshots()}
+    checks["breakers"] = {
+        "status": "ok" if all(s in ("closed", "disabled") for s in states.values()) else "warn",
+        "states": states,
     }
     checks["probes"] = {"status": "ok" if fresh else "fail", "age_seconds": None if age is None else round(age, 2)}
     ready = all(c["status"] != "fail" for c in checks.values())

@@ -10,7 +10,6 @@ log line (``dependency_down``, ``dependency_up``, ``migration_drift_changed``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import redis.asyncio as aioredis
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from service.db import migrate
+from service.periodic import Periodic
 from telemetry.logging import get_logger
 from telemetry.metrics import Metrics
 
@@ -63,7 +63,7 @@ class DependencyProber:
         self._drift.set(-1)
         for dep in ("postgres", "redis"):
             self._up.labels(dep).set(0)
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("prober", interval, self.probe_once)
 
     async def _postgres(self) -> str | None:
         conn = await asyncpg.connect(self._dsn, timeout=self.timeout)
@@ -125,22 +125,9 @@ class DependencyProber:
         )
         return self.snapshot
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.probe_once()
-            except Exception:  # the prober must outlive any single bad round
-                _log.exception("probe_round_failed")
-            await asyncio.sleep(self.interval)
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="vigil-prober")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
         await self._redis.aclose()

@@ -7,10 +7,13 @@ Exception hierarchy the handlers map (anything else is a logged 500 that leaks n
     ├── NotFoundException, 405, 413 …   -> their status
     └── ServiceUnavailable (here)       -> 503 + Retry-After (shedding, dependency down)
     sqlalchemy.exc.TimeoutError         -> 503 + Retry-After (connection pool exhausted)
+    ConnectionError, TimeoutError,      -> 503 + Retry-After (a dependency unreachable, a
+    DBAPIError with a lost connection      connection dropped); other DBAPIErrors are 500s
 """
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -18,6 +21,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy import exc as sa_exc
 
+from service.guardrails.retry import connection_lost
 from telemetry.logging import get_logger, request_id_var
 
 __all__ = ["PROBLEM_JSON", "ServiceUnavailable", "exception_handlers", "problem"]
@@ -77,10 +81,28 @@ def _pool_timeout(request: Request[Any, Any, Any], exc: sa_exc.TimeoutError) -> 
     return problem(503, "The database connection pool is exhausted; retry shortly.", {"Retry-After": "1"})
 
 
+def _connection_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if not connection_lost(exc) and not isinstance(exc, TimeoutError):
+        return _unhandled(request, exc)
+    retry_after = 1.0
+    resources = getattr(request.app.state, "vigil", None)
+    if resources is not None:
+        retry_after = max(1.0, resources.db.breaker.retry_after())
+    _log.warning("dependency_unavailable", route=request.scope.get("path_template"), error=type(exc).__name__)
+    return problem(503, "A dependency is unavailable; retry later.", {"Retry-After": str(math.ceil(retry_after))})
+
+
 def _unhandled(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     _log.error("unhandled_exception", route=request.scope.get("path_template"), exc_info=exc)
     return problem(500, "An unexpected error occurred; it has been logged with this request id.")
 
 
 def exception_handlers() -> Any:  # Litestar's handler-map type is invariant in the exception type
-    return {HTTPException: _http_exception, sa_exc.TimeoutError: _pool_timeout, Exception: _unhandled}
+    return {
+        HTTPException: _http_exception,
+        sa_exc.TimeoutError: _pool_timeout,
+        sa_exc.DBAPIError: _connection_error,
+        ConnectionError: _connection_error,
+        TimeoutError: _connection_error,
+        Exception: _unhandled,
+    }

@@ -111,6 +111,60 @@ class Settings:
     db_pool_name: str = "primary"
     """Value of the ``db_client_connection_pool_name`` label."""
 
+    db_breaker_window_type: Literal["count", "time"] = "time"
+    """Sliding window of the database breaker: the last N ``calls`` or the last N ``time`` seconds."""
+
+    db_breaker_window_size: int = 10
+    """Size of the database breaker's window (calls, or seconds)."""
+
+    db_breaker_minimum_calls: int = 10
+    """Calls the window must hold before the database breaker may open."""
+
+    db_breaker_failure_rate_threshold: float = 50.0
+    """Percentage of failed calls (PostgreSQL unreachable, connection dropped) that opens the breaker."""
+
+    db_breaker_slow_call_rate_threshold: float = 80.0
+    """Percentage of slow calls that opens the breaker (100 never opens on slowness alone)."""
+
+    db_breaker_slow_call_seconds: float = 2.0
+    """A session held longer than this counts as a slow call."""
+
+    db_breaker_wait_in_open_seconds: float = 5.0
+    """How long the open breaker refuses calls (the ``Retry-After`` clients see) before half-open."""
+
+    db_breaker_half_open_calls: int = 3
+    """Trial calls let through in half-open; their outcome closes or reopens the breaker."""
+
+    db_retry_attempts: int = 3
+    """Most attempts of an idempotent database read (transient errors only)."""
+
+    db_retry_initial_backoff_seconds: float = 0.05
+    """Bound of the first retry backoff (exponential, full jitter)."""
+
+    db_retry_max_backoff_seconds: float = 1.0
+    """Cap on one retry backoff."""
+
+    db_retry_total_seconds: float = 3.0
+    """No retry starts later than this after the first attempt."""
+
+    cache_ttl_seconds: float = 30.0
+    """How long a cached read stays fresh (less up to ``cache_jitter`` of it, at random)."""
+
+    cache_jitter: float = 0.1
+    """Fraction of the TTL taken off at random on each write, so keys written together expire apart."""
+
+    cache_stale_seconds: float = 600.0
+    """How long a cached read remains servable as stale while the database is unavailable."""
+
+    cache_op_timeout_seconds: float = 0.1
+    """Budget of one Redis cache operation; past it the cache serves from its in-process fallback."""
+
+    cache_fallback_max_entries: int = 10_000
+    """Entries the in-process fallback cache keeps while Redis is unreachable."""
+
+    admin_token: str = ""
+    """Bearer token of the ``/admin`` API (breaker overrides). Empty disables the admin API."""
+
     probe_interval_seconds: float = 5.0
     """How often the background prober checks PostgreSQL, Redis and migrations."""
 
@@ -177,6 +231,8 @@ class Settings:
             found.append(Finding("cors_origins", "contains '*', which lets any site call the API"))
         if not self.database_url:
             found.append(Finding("database_url", "is empty, so the embedded development database is used"))
+        if self.admin_token and len(self.admin_token.encode()) < MIN_SECRET_BYTES:
+            found.append(Finding("admin_token", f"is shorter than {MIN_SECRET_BYTES} bytes"))
         return found
 
     def enforce(self) -> list[Finding]:

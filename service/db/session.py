@@ -11,7 +11,8 @@ __all__ = ["provide_db_session"]
 
 
 async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
-    """Yield a session from the application's pool; a pool checkout that waits longer than
+    """Yield a session through the database breaker (``guardrails.database``): refused with
+    503 + Retry-After while the breaker is open; a pool checkout that waits longer than
     ``db_pool_timeout_seconds`` raises, which the error handlers answer with 503."""
-    async with state.vigil.sessionmaker() as session:
+    async with state.vigil.db.session() as session:
         yield session
