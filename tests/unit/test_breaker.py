@@ -17,9 +17,8 @@ from service.guardrails.breaker import (
     BreakerState,
     CallNotPermitted,
     CircuitBreaker,
-    _CountWindow,  # private, checked directly against a naive model
-    _TimeWindow,
 )
+from service.guardrails.breaker_windows import CountWindow, TimeWindow
 from telemetry.metrics import Metrics
 
 NAME = "dep"
@@ -486,7 +485,7 @@ def test_windows_agree_with_a_naive_model(window_type: str) -> None:
     "no need to check" never raised a rate that exists."""
     rng = random.Random(7)
     size, minimum = 5, 3
-    window = (_CountWindow if window_type == "count" else _TimeWindow)(size, minimum)
+    window = (CountWindow if window_type == "count" else TimeWindow)(size, minimum)
     now = 1000.0
     history: list[tuple[int, int]] = []  # second, outcome bits (1 failed, 2 slow)
     before = (0, 0, 0)  # totals right after the previous record
