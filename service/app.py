@@ -6,10 +6,11 @@ lifespan; they live on ``app.state.vigil`` (:class:`Resources`).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.admin import AdminController
+from service.components import COMPONENTS
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.pool import observe_pool
 from service.db.session import provide_db_session
@@ -67,12 +69,19 @@ class Resources:
     db: DatabaseGuard
     cache: Cache
     reads: DegradableReads
+    extensions: dict[str, Any] = field(default_factory=dict)
+    """Objects components publish for each other (``audit``, ``mailer``, ``auth``...)."""
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
 def metrics_endpoint(request: Request[Any, Any, State]) -> Response[bytes]:
     body, content_type = render(request.app.state.vigil.metrics, request.headers.get("accept"))
     return Response(body, media_type=content_type)
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> Litestar:
@@ -146,7 +155,9 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
             await engine.dispose()
             _log.info("vigil_stopped")
 
+    plugins = [_load(path)(resources) for path in COMPONENTS]
     app = Litestar(
+        plugins=plugins,
         route_handlers=[HealthController, AdminController, metrics_endpoint, *extra_route_handlers],
         dependencies={"db_session": Provide(provide_db_session)},
         state=State({"vigil": resources}),

@@ -162,6 +162,85 @@ class Settings:
     cache_fallback_max_entries: int = 10_000
     """Entries the in-process fallback cache keeps while Redis is unreachable."""
 
+    access_token_ttl_seconds: int = 900
+    """Lifetime of a JWT access token (short: revocation happens through refresh tokens)."""
+
+    refresh_token_ttl_seconds: int = 2_592_000
+    """Lifetime of an opaque refresh token (30 days); each use rotates it."""
+
+    email_verification_ttl_seconds: int = 86_400
+    """How long an e-mail verification link stays valid."""
+
+    public_base_url: str = "http://127.0.0.1:8000"
+    """Base URL put in links that Vigil e-mails (verification)."""
+
+    smtp_host: str = ""
+    """SMTP server for outgoing mail. Empty in development: mails are logged, not sent (refused in
+    production)."""
+
+    smtp_port: int = 25
+    """SMTP server port."""
+
+    smtp_username: str = ""
+    """SMTP login; empty for none."""
+
+    smtp_password: str = ""
+    """SMTP password; never logged."""
+
+    smtp_starttls: bool = False
+    """Upgrade the SMTP connection with STARTTLS."""
+
+    smtp_timeout_seconds: float = 10.0
+    """Longest one SMTP delivery may take."""
+
+    mail_from: str = "Vigil <no-reply@vigil.local>"
+    """Sender of Vigil's e-mails."""
+
+    outbox_max_attempts: int = 8
+    """Delivery attempts of one e-mail before it is marked dead (an alert fires on dead mail)."""
+
+    outbox_backoff_seconds: float = 2.0
+    """First retry delay of a failed delivery; it doubles per attempt (with jitter), capped at 15 minutes."""
+
+    ratelimit_auth: str = "10/minute"
+    """Limit of the auth endpoints (register, login, refresh, verify, resend) per client IP."""
+
+    ratelimit_user: str = "600/minute"
+    """Limit of authenticated API calls per user."""
+
+    ratelimit_anonymous: str = "120/minute"
+    """Limit of anonymous API calls per client IP."""
+
+    ratelimit_fallback_factor: float = 1.0
+    """While Redis is down, each instance enforces this fraction of each limit in memory; the
+    effective global limit is then factor x limit x number of instances."""
+
+    ratelimit_redis_timeout_seconds: float = 0.05
+    """Longest one rate-limit decision may wait for Redis before it falls back to memory."""
+
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks (CIDR) of reverse proxies whose ``X-Forwarded-For`` is believed, walked right to
+    left; from anyone else the socket peer is the client."""
+
+    audit_buffer_size: int = 10_000
+    """Audit entries held in memory awaiting their write; when full, entries go straight to the
+    audit dead-letter queue (never dropped, never blocking the request)."""
+
+    audit_flush_interval_seconds: float = 0.5
+    """How often the audit buffer is written to PostgreSQL."""
+
+    audit_max_attempts: int = 5
+    """Write attempts of an audit batch before its entries are parked in the dead-letter queue."""
+
+    dlq_spool_dir: Path = Path(".vigil/spool")
+    """Folder of the local append-only dead-letter spool used when Redis is also down (fsynced)."""
+
+    worker_metrics_port: int = 9101
+    """Port of the worker's own ``/metrics`` endpoint (``vigil worker``)."""
+
+    worker_concurrency: int = 10
+    """Jobs one worker process runs at once."""
+
     admin_token: str = ""
     """Bearer token of the ``/admin`` API (breaker overrides). Empty disables the admin API."""
 
@@ -231,6 +310,8 @@ class Settings:
             found.append(Finding("cors_origins", "contains '*', which lets any site call the API"))
         if not self.database_url:
             found.append(Finding("database_url", "is empty, so the embedded development database is used"))
+        if not self.smtp_host:
+            found.append(Finding("smtp_host", "is empty, so e-mails are logged instead of sent"))
         if self.admin_token and len(self.admin_token.encode()) < MIN_SECRET_BYTES:
             found.append(Finding("admin_token", f"is shorter than {MIN_SECRET_BYTES} bytes"))
         return found

@@ -197,6 +197,97 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         ("route",),
         "Responses served degraded (stale data from cache while the database is unavailable), by route template.",
     ),
+    # --- Rate limiting (service/guardrails/ratelimit.py) ---------------------------------------
+    MetricSpec(
+        "rate_limiter_decisions_total",
+        "counter",
+        "{decision}",
+        ("policy", "decision", "backend"),
+        "Rate-limit decisions by policy (auth/user/anonymous), decision (allowed/limited) and backend (redis/memory).",
+    ),
+    MetricSpec(
+        "rate_limiter_fallback_active",
+        "gauge",
+        "1",
+        (),
+        "1 while rate limits are enforced per instance in memory because Redis is unreachable.",
+    ),
+    # --- Identity (service/domain/auth) ------------------------------------------------------
+    MetricSpec(
+        "auth_events_total",
+        "counter",
+        "{event}",
+        ("event",),
+        "Authentication events: registered, verified, login_succeeded, login_failed, refreshed,"
+        " refresh_reused, logged_out, logged_out_everywhere.",
+    ),
+    # --- E-mail outbox (service/domain/email) -------------------------------------------------
+    MetricSpec(
+        "email_outbox_pending",
+        "gauge",
+        "{email}",
+        (),
+        "E-mails in the outbox not yet delivered (pending or being sent).",
+    ),
+    MetricSpec(
+        "email_outbox_oldest_pending_age_seconds",
+        "gauge",
+        "s",
+        (),
+        "Age of the oldest undelivered e-mail in the outbox; 0 when none.",
+    ),
+    MetricSpec(
+        "email_outbox_dead",
+        "gauge",
+        "{email}",
+        (),
+        "E-mails that exhausted their delivery attempts and need a human.",
+    ),
+    MetricSpec(
+        "email_deliveries_total",
+        "counter",
+        "{delivery}",
+        ("outcome",),
+        "Delivery attempts by outcome: sent, retry (failed, will retry), dead (failed for the last time),"
+        " rejected (breaker open, not attempted).",
+    ),
+    # --- Audit log (service/domain/audit) -----------------------------------------------------
+    MetricSpec(
+        "audit_entries_total",
+        "counter",
+        "{entry}",
+        ("outcome",),
+        "Audit entries by outcome: written, dead_lettered (parked after failed writes), replayed.",
+    ),
+    MetricSpec(
+        "audit_buffer_entries",
+        "gauge",
+        "{entry}",
+        (),
+        "Audit entries waiting in memory for their write.",
+    ),
+    # --- Dead-letter queues (service/guardrails/dlq.py) ---------------------------------------
+    MetricSpec(
+        "dlq_depth",
+        "gauge",
+        "{message}",
+        ("queue",),
+        "Messages parked in a dead-letter queue (Redis and local spool together).",
+    ),
+    MetricSpec(
+        "dlq_oldest_age_seconds",
+        "gauge",
+        "s",
+        ("queue",),
+        "Age of the oldest message in a dead-letter queue; 0 when empty.",
+    ),
+    MetricSpec(
+        "dlq_messages_total",
+        "counter",
+        "{message}",
+        ("queue", "action"),
+        "Dead-letter queue traffic by action: enqueued, replayed, discarded.",
+    ),
     # --- Build ----------------------------------------------------------------------------------
     MetricSpec(
         "app_info",

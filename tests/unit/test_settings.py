@@ -16,6 +16,7 @@ PROD = {
     "VIGIL_JWT_SECRET": GOOD_SECRET,
     "VIGIL_DATABASE_URL": "postgresql+asyncpg://db/vigil",
     "VIGIL_REDIS_URL": "redis://cache:6379/0",
+    "VIGIL_SMTP_HOST": "smtp.example",
 }
 
 
@@ -52,6 +53,7 @@ def test_settings_are_immutable() -> None:
         ({"VIGIL_JWT_SECRET": "short-but-not-default"}, "VIGIL_JWT_SECRET"),
         ({"VIGIL_CORS_ORIGINS": "https://ok.example,*"}, "VIGIL_CORS_ORIGINS"),
         ({"VIGIL_DATABASE_URL": ""}, "VIGIL_DATABASE_URL"),
+        ({"VIGIL_SMTP_HOST": ""}, "VIGIL_SMTP_HOST"),
     ],
 )
 def test_production_refuses_unsafe_settings(override: dict[str, str], setting: str) -> None:
@@ -69,7 +71,7 @@ def test_production_with_safe_settings_starts() -> None:
 def test_development_only_warns() -> None:
     """Outside production the same findings are returned as warnings, not raised."""
     found = Settings.from_env({"VIGIL_CORS_ORIGINS": "*"}).enforce()
-    assert {f.setting for f in found} == {"jwt_secret", "cors_origins", "database_url"}
+    assert {f.setting for f in found} == {"jwt_secret", "cors_origins", "database_url", "smtp_host"}
 
 
 @pytest.mark.parametrize(

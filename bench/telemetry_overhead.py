@@ -1,0 +1,252 @@
+"""Telemetry must be cheap: Vigil against bare Litestar, in one go on one machine.
+
+Requirement: with its full telemetry on (RED metrics, a server span per request sampled at
+1.0, SQLAlchemy spans, pool metrics, a JSON access-log line per request), Vigil keeps
+**>= 70%** of bare Litestar's throughput on a trivial route and **>= 90%** on a route doing
+one indexed query. For scale, the peer (Litestar's Prometheus middleware plus its
+OpenTelemetry plugin) is measured beside it.
+
+Method:
+
+- One throwaway PostgreSQL and Redis (``service.embedded``), migrated to head; ``users`` is
+  seeded with ``ROWS`` rows whose primary keys are ``UUID(int=n)``.
+- Three servers (``bench/apps.py``: ``bare``, ``vigil``, ``plugins``) with the same two
+  handlers, ``GET /bench/trivial`` and ``GET /bench/item/{n}`` (one primary-key lookup through
+  an AsyncSession), each a single uvicorn process (uvloop, httptools), started one at a time.
+- Load from ``wrk`` (keep-alive, fixed connection count; the query route rotates over random
+  ids). With two or more CPUs the server is pinned to CPU 0, and wrk and PostgreSQL to CPU 1,
+  so the load generator never steals the server's CPU.
+- Each server gets a warm-up per route, then a measured run. Rounds are interleaved (bare,
+  vigil, plugins, bare, ...) so drift of the machine hits every variant alike; the figure is
+  the median requests/second over the rounds, and ratios are medians over bare's median.
+
+Run: ``make bench`` (about 3.5 minutes). Exit status 1 when Vigil misses a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from service.db import migrate
+from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 10_000
+VARIANTS = ("bare", "vigil", "plugins")
+ROUTES = {"trivial": "/bench/trivial", "query": "/bench/item/1"}
+TARGETS = {"trivial": 0.70, "query": 0.90}
+# The peer's figures quoted in DESIGN.md, printed for comparison with today's measurement.
+QUOTED_PEER = {"trivial": 0.24, "query": 0.71}
+
+# Rotates over a fixed, pre-formatted set of random ids: cheaper for wrk than formatting a
+# request each time, and random enough to defeat any caching above PostgreSQL's buffers.
+LUA_ROTATING_IDS = """
+local reqs, i = {}, 0
+init = function(args)
+  math.randomseed(42)
+  for k = 1, 2000 do reqs[k] = wrk.format(nil, "/bench/item/" .. math.random(1, %d)) end
+end
+request = function()
+  i = i %% #reqs + 1
+  return reqs[i]
+end
+"""
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit("wrk is not installed: install the Debian package `wrk` (apt-get install wrk) and rerun")
+    print("installing wrk (apt-get install wrk)...", flush=True)
+    install = ["apt-get", "install", "-y", "-q", "wrk"]
+    if subprocess.run(install, capture_output=True, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=True)
+        subprocess.run(install, capture_output=True, check=True)
+    return shutil.which("wrk") or sys.exit("wrk could not be installed")
+
+
+def ensure_peer_dependency() -> None:
+    """Litestar's OpenTelemetry plugin needs the ASGI instrumentation, which Vigil does not."""
+    try:
+        import opentelemetry.instrumentation.asgi  # noqa: F401 - availability check only
+    except ImportError:
+        from importlib.metadata import version
+
+        pin = f"opentelemetry-instrumentation-asgi=={version('opentelemetry-instrumentation')}"
+        print(f"installing {pin} for the peer variant...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", pin], check=True)
+
+
+def pinning(cpu: int) -> list[str]:
+    """A ``taskset`` prefix pinning to ``cpu``, or nothing on one CPU or without taskset."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
+def start_databases(tmp: Path) -> tuple[EmbeddedPostgres, EmbeddedRedis]:
+    pg = EmbeddedPostgres(tmp / "pg", durable=False)
+    redis = EmbeddedRedis(tmp / "redis", durable=False)
+    pg.start()
+    redis.start()
+    if pinning(1) and pg.process is not None:
+        # Backends are forked from the postmaster and inherit its CPU.
+        os.sched_setaffinity(pg.process.pid, {1})
+    migrate.upgrade(pg.url())
+    pg.psql(
+        "INSERT INTO users (id, email, password_hash) "
+        "SELECT lpad(to_hex(n), 32, '0')::uuid, 'user' || n || '@bench.test', 'x' "
+        f"FROM generate_series(1, {ROWS}) AS n; ANALYZE users",
+        database=pg.database,
+    )
+    return pg, redis
+
+
+class Server:
+    """One variant in its own uvicorn process, on CPU 0."""
+
+    def __init__(self, variant: str, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        argv = [
+            *pinning(0), sys.executable, "-m", "uvicorn", f"bench.apps:{variant}", "--factory",
+            "--host", "127.0.0.1", "--port", str(self.port), "--loop", "uvloop", "--http", "httptools",
+            "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+        with open(log, "wb") as err:
+            # stdout (Vigil's access log) goes to /dev/null; stderr is kept for failures.
+            self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        self.log = log
+        self._wait_ready(variant)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _wait_ready(self, variant: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                for path in ROUTES.values():
+                    with urllib.request.urlopen(self.url(path), timeout=1) as resp:
+                        resp.read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        sys.exit(f"{variant} server did not come up; its log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wrk_rps(wrk: str, url: str, seconds: int, connections: int, script: Path | None) -> float:
+    argv = [*pinning(1), wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    done = subprocess.run([*argv, url], capture_output=True, text=True, check=False)
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        sys.exit(f"wrk failed against {url}:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if errors:
+        sys.exit(f"wrk saw failed requests against {url}:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        sys.exit(f"could not read wrk's output:\n{out}")
+    return float(match.group(1))
+
+
+def measure(args: argparse.Namespace, tmp: Path, env: dict[str, str], wrk: str) -> dict[str, dict[str, list[float]]]:
+    lua = tmp / "rotating_ids.lua"
+    lua.write_text(LUA_ROTATING_IDS % ROWS)
+    scripts = {"trivial": None, "query": lua}
+    rps: dict[str, dict[str, list[float]]] = {v: {r: [] for r in ROUTES} for v in VARIANTS}
+    for round_no in range(1, args.rounds + 1):
+        for variant in VARIANTS:
+            server = Server(variant, env, tmp / f"{variant}.log")
+            try:
+                for route, path in ROUTES.items():
+                    url = server.url(path)
+                    wrk_rps(wrk, url, args.warmup, args.connections, scripts[route])
+                    value = wrk_rps(wrk, url, args.duration, args.connections, scripts[route])
+                    rps[variant][route].append(value)
+                    print(f"  round {round_no}  {variant:<8} {route:<8} {value:>9.0f} req/s", flush=True)
+            finally:
+                server.stop()
+    return rps
+
+
+def report(rps: dict[str, dict[str, list[float]]]) -> tuple[dict[str, dict[str, float]], bool]:
+    median = {v: {r: statistics.median(rps[v][r]) for r in ROUTES} for v in VARIANTS}
+    print()
+    header = ("route", "bare", "vigil", "vigil/bare", "target", "", "plugins", "plugins/bare")
+    print("{:<8} {:>9} {:>9} {:>11} {:>7} {:4} {:>9} {:>13}".format(*header))
+    ok = True
+    for route in ROUTES:
+        bare, vigil, peer = (median[v][route] for v in VARIANTS)
+        ratio, peer_ratio, target = vigil / bare, peer / bare, TARGETS[route]
+        verdict = "PASS" if ratio >= target else "FAIL"
+        ok &= ratio >= target
+        print(
+            f"{route:<8} {bare:>9.0f} {vigil:>9.0f} {ratio:>11.1%} {'>=' + format(target, '.0%'):>7} {verdict}"
+            f" {peer:>9.0f} {peer_ratio:>13.1%}  (DESIGN.md quotes {QUOTED_PEER[route]:.0%})"
+        )
+    print("\nreq/s: median of the rounds; one uvicorn worker, keep-alive connections.")
+    return median, ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=8, help="seconds of each measured run (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per server and route")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--connections", type=int, default=32, help="wrk's concurrent connections")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    wrk = ensure_wrk()
+    ensure_peer_dependency()
+    with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        print(f"starting PostgreSQL and Redis, seeding {ROWS} users...", flush=True)
+        pg, redis = start_databases(tmp)
+        # No OTLP endpoint: spans are never exported, in any variant (see bench/apps.py).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "VIGIL_"))}
+        env.update(BENCH_DATABASE_URL=pg.url(), BENCH_REDIS_URL=redis.url(), PYTHONPATH=str(ROOT))
+        try:
+            print(f"{args.rounds} rounds x {VARIANTS} x {tuple(ROUTES)}, {args.duration}s each:", flush=True)
+            rps = measure(args, tmp, env, wrk)
+        finally:
+            redis.stop()
+            pg.stop()
+    median, ok = report(rps)
+    if args.json:
+        result = {"settings": vars(args) | {"json": str(args.json)}, "runs": rps, "median": median}
+        result["ratios"] = {r: {v: median[v][r] / median["bare"][r] for v in VARIANTS[1:]} for r in ROUTES}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

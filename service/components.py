@@ -1,0 +1,13 @@
+"""The components ``create_app`` mounts, in order (middleware added by an earlier component runs
+first, e.g. authentication before rate limiting).
+
+Each entry names a Litestar init plugin, ``"module:Class"``, constructed with the application's
+:class:`service.app.Resources`; in ``on_app_init`` it adds its route handlers, middleware and
+lifespan hooks, and may publish objects for others in ``resources.extensions[name]``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["COMPONENTS"]
+
+COMPONENTS: tuple[str, ...] = ()
