@@ -31,8 +31,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Benchmarks print figures beside their peers; they are never part of `make test`.
 bench: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/telemetry_overhead.py
+	$(BIN)/python bench/breaker_overhead.py
+	$(BIN)/python bench/cache_stampede.py
 
 settings-docs: install
 	$(BIN)/vigil settings env-example > .env.example
