@@ -1,0 +1,101 @@
+"""Workflows & worker: the background work of the one SAQ worker.
+
+Only metrics the catalogue has today are drawn. Workflow runs by status, stuck runs, step
+durations, queue depth, pickup latency, integration calls and token refreshes join when their
+metrics enter the catalogue (issue 6); until then a note on the dashboard says so.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.models import dashboard
+
+from dashboards.panels import RATE, Board, markdown, query, sel, state_timeline, timeseries_panel
+
+__all__ = ["PENDING_PANELS", "UID", "build"]
+
+UID = "vigil-workflows"
+
+#: Panels that wait for their metrics to enter telemetry/catalogue.py (issue 6).
+PENDING_PANELS = (
+    "Workflow runs by status",
+    "Stuck workflow runs",
+    "Step durations",
+    "Queue depth",
+    "Job pickup latency",
+    "Integration calls",
+    "Token refreshes",
+)
+
+
+def build() -> dashboard.Dashboard:
+    board = Board(
+        UID,
+        "Vigil / Workflows & worker",
+        ["workflows", "worker"],
+        "The background worker: is it up, and is its work (e-mail delivery, dead-letter replay) keeping up.",
+    )
+    board.row("Worker").add(
+        state_timeline(
+            "Scrape target up",
+            "Whether Prometheus reaches each instance's /metrics (the worker's job is vigil-worker).",
+            query(f"max by (job, instance) ({sel('up')})", "{{job}} {{instance}}"),
+            ((0, "down", "red"), (1, "up", "green")),
+            w=24,
+            h=5,
+        ),
+    )
+    board.row("E-mail delivery").add(
+        timeseries_panel(
+            "Deliveries by outcome",
+            "Delivery attempts per second: sent, retry (will retry), dead (last attempt failed),"
+            " rejected (SMTP breaker open, not attempted).",
+            query(f"sum by (outcome) (rate({sel('email_deliveries_total')}[{RATE}]))", "{{outcome}}"),
+            unit="cps",
+            w=8,
+        ),
+        timeseries_panel(
+            "Outbox backlog",
+            "E-mails waiting for delivery, and dead ones waiting for a human.",
+            query(f"max({sel('email_outbox_pending')})", "pending"),
+            query(f"max({sel('email_outbox_dead')})", "dead"),
+            w=8,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Oldest pending e-mail",
+            "Age of the oldest undelivered e-mail: a steady climb means the worker is not keeping up.",
+            query(f"max({sel('email_outbox_oldest_pending_age_seconds')})", "oldest"),
+            unit="s",
+            w=8,
+            min_val=0,
+        ),
+    )
+    replays = sel("dlq_messages_total", 'action=~"replayed|discarded"')
+    board.row("Dead-letter replay").add(
+        timeseries_panel(
+            "Replayed and discarded messages",
+            "Dead-lettered messages the worker replayed or discarded, per second and queue.",
+            query(
+                f"sum by (queue, action) (rate({replays}[{RATE}]))",
+                "{{queue}} {{action}}",
+            ),
+            unit="cps",
+            w=12,
+        ),
+        timeseries_panel(
+            "DLQ depth",
+            "Messages still parked per queue.",
+            query(f"max by (queue) ({sel('dlq_depth')})", "{{queue}}"),
+            w=12,
+            min_val=0,
+        ),
+    )
+    board.row("Workflows").add(
+        markdown(
+            "Pending: workflow panels",
+            "Not drawn yet, because their metrics are not in `telemetry/catalogue.py` (issue 6): "
+            + ", ".join(p.lower() for p in PENDING_PANELS)
+            + ".",
+        )
+    )
+    return board.build()
