@@ -119,7 +119,11 @@ def plugins() -> Litestar:
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0)))
     trace.set_tracer_provider(provider)
     engine, provide = _plain_db(settings())
-    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider, enable_commenter=False)
+    # skip_dep_check: the instrumentation declares SQLAlchemy < 2.1 and would silently do
+    # nothing; Vigil attaches the same EngineTracer regardless (telemetry.tracing).
+    SQLAlchemyInstrumentor().instrument(
+        engine=engine.sync_engine, tracer_provider=provider, enable_commenter=False, skip_dep_check=True
+    )
     return _litestar(
         engine,
         provide,

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from telemetry.logging import get_logger, request_id_var
+from telemetry.logging import get_logger, json_lines, request_id_var, write_json_line
 from telemetry.metrics import Metrics
 
 __all__ = ["UNMATCHED_ROUTE", "HttpTelemetry"]
@@ -60,6 +60,30 @@ class HttpTelemetry:
         if child is None:
             child = self._duration_children[key] = self._duration.labels(method, route, str(status))
         return child
+
+    def _access(
+        self, method: str, route: str, path: str, status: int, elapsed: float, rid: str, ctx: trace.SpanContext
+    ) -> None:
+        duration_ms = round(elapsed * 1000, 3)
+        if not json_lines():
+            self._log.info(
+                "http_request", method=method, route=route, path=path, status=status, duration_ms=duration_ms
+            )
+            return
+        write_json_line(
+            {
+                "method": method,
+                "route": route,
+                "path": path,
+                "status": status,
+                "duration_ms": duration_ms,
+                "event": "http_request",
+                "level": "info",
+                "request_id": rid,
+                "trace_id": format(ctx.trace_id, "032x"),
+                "span_id": format(ctx.span_id, "016x"),
+            }
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -124,14 +148,7 @@ class HttpTelemetry:
             else:
                 child.observe(elapsed)
             if self._access_log:
-                self._log.info(
-                    "http_request",
-                    method=method,
-                    route=route,
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 3),
-                )
+                self._access(method, route, scope["path"], status, elapsed, request_id, span_ctx)
             span.end()
             request_id_var.reset(rid_token)
             otel_context.detach(token)

@@ -10,16 +10,42 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import structlog
 from opentelemetry import trace
 
-__all__ = ["configure_logging", "get_logger", "request_id_var"]
+__all__ = ["configure_logging", "get_logger", "json_lines", "request_id_var", "write_json_line"]
 
 #: The id of the HTTP request being served (its ``X-Request-ID``, or else its trace id).
 request_id_var: ContextVar[str | None] = ContextVar("vigil_request_id", default=None)
+
+_json_lines = True
+
+
+def json_lines() -> bool:
+    """True when logs are JSON lines (then hot paths may use :func:`write_json_line`)."""
+    return _json_lines
+
+
+def write_json_line(fields: dict[str, Any]) -> None:
+    """Write one log line as structlog's JSON renderer would, without its processor chain.
+
+    For the per-request access line only (it is ~40 µs cheaper): ``fields`` must already carry
+    ``event``, ``level`` and the correlation ids."""
+    fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    out = sys.stdout
+    buffer = getattr(out, "buffer", None)
+    line = _encoder.encode(fields) + b"\n"
+    if buffer is not None:
+        buffer.write(line)
+        buffer.flush()
+    else:
+        out.write(line.decode())
+        out.flush()
+
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -63,8 +89,11 @@ class _StdoutBytes:
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog for the process (idempotent). ``fmt`` is json, console or auto."""
+    global _json_lines
     if fmt == "auto":
         fmt = "console" if getattr(stream or sys.stdout, "isatty", lambda: False)() else "json"
+    # The fast path skips structlog's level filter, so it only runs when info lines are wanted.
+    _json_lines = fmt == "json" and stream is None and _LEVELS.get(level.lower(), logging.INFO) <= logging.INFO
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -83,6 +112,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), logging.INFO)),
         logger_factory=factory,
+        # Not cached: structlog.testing.capture_logs must see loggers already used, and the
+        # per-request access line does not go through structlog anyway (D14).
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (uvicorn, alembic, asyncpg) print at their own level.

@@ -14,10 +14,12 @@ import os
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 __all__ = ["instrument_engine", "instrument_redis", "setup_tracing"]
 
@@ -45,19 +47,53 @@ def setup_tracing(service_name: str, version: str, env: str, sample_ratio: float
 
 
 def instrument_engine(engine: Any, provider: TracerProvider) -> None:
-    """Child spans for every SQL statement run through ``engine`` (an AsyncEngine).
+    """A CLIENT span for every SQL statement run through ``engine`` (an AsyncEngine), as a
+    child of the current span.
 
-    ``SQLAlchemyInstrumentor`` is a process-wide singleton that instruments one engine once;
-    Vigil builds an engine per application (tests run several), so each engine gets the
-    instrumentation's own ``EngineTracer`` directly, as the instrumentor itself does."""
-    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
-    from opentelemetry.instrumentation.sqlalchemy.version import __version__ as sa_inst_version
-    from opentelemetry.metrics import NoOpMeter
+    Measured here, opentelemetry-instrumentation-sqlalchemy costs about 340 µs of CPU per
+    statement: registering cursor event listeners makes SQLAlchemy build event dispatch for
+    every connection, and its per-statement work re-reads the URL and parses the statement.
+    Wrapping the dialect's three execute methods costs about 115 µs (docs/decisions.md, D14):
+    attributes are computed once per engine, span names once per statement text, and nothing
+    is recorded when the current trace is not sampled or instrumentation is suppressed."""
+    tracer = provider.get_tracer("vigil.db")
+    url = engine.sync_engine.url
+    attributes: dict[str, Any] = {"db.system.name": "postgresql", "db.system": "postgresql"}
+    for key, val in (("db.namespace", url.database), ("server.address", url.host), ("server.port", url.port)):
+        if val is not None:
+            attributes[key] = val
+    names: dict[str, str] = {}
+    dialect = engine.sync_engine.dialect
 
-    tracer = trace.get_tracer("opentelemetry.instrumentation.sqlalchemy", sa_inst_version, provider)
-    # Pool usage is already measured by service.db.pool; the instrumentation's counter is a no-op.
-    usage = NoOpMeter("vigil").create_up_down_counter("db.client.connections.usage")
-    EngineTracer(tracer, engine.sync_engine, usage, enable_commenter=False)  # type: ignore[no-untyped-call]  # untyped library
+    def span_name(statement: str) -> str:
+        name = names.get(statement)
+        if name is None:
+            operation = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
+            name = f"{operation} {url.database}" if url.database else operation
+            if len(names) < 2048:  # statements are code, but bound the cache anyway
+                names[statement] = name
+        return name
+
+    def wrap(original: Any) -> Any:
+        def traced(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
+            parent = trace.get_current_span().get_span_context()
+            if not parent.trace_flags.sampled or not is_instrumentation_enabled():
+                return original(cursor, statement, *args, **kwargs)
+            span = tracer.start_span(span_name(statement), kind=SpanKind.CLIENT, attributes=attributes)
+            span.set_attribute("db.query.text", statement)  # asyncpg binds values as $n: no data here
+            try:
+                return original(cursor, statement, *args, **kwargs)
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            finally:
+                span.end()
+
+        return traced
+
+    for method in ("do_execute", "do_execute_no_params", "do_executemany"):
+        setattr(dialect, method, wrap(getattr(dialect, method)))
 
 
 def instrument_redis(provider: TracerProvider) -> None:
