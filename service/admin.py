@@ -7,7 +7,7 @@ import hmac
 from typing import Any
 
 import msgspec
-from litestar import Controller, get, put
+from litestar import Controller, Request, get, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException, NotFoundException, PermissionDeniedException
@@ -15,6 +15,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, JSONBody
 from redis.exceptions import RedisError
 
+from service.clientip import TrustedProxies, client_ip
 from service.guardrails.breaker_admin import OVERRIDE_STATES
 from service.problems import ServiceUnavailable
 
@@ -48,7 +49,7 @@ class AdminController(Controller):
 
     @put("/breakers/{name:str}")
     async def override_breaker(
-        self, name: FromPath[str], data: JSONBody[BreakerOverride], state: State
+        self, request: Request[Any, Any, Any], name: FromPath[str], data: JSONBody[BreakerOverride], state: State
     ) -> dict[str, Any]:
         """Force a breaker open, disable it, or return it to automatic (``auto``), on every instance."""
         registry = state.vigil.breakers
@@ -65,4 +66,15 @@ class AdminController(Controller):
             await registry.set_override(name, data.state)
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable("Redis is unreachable, so the override cannot reach every instance.") from exc
+        audit = state.vigil.extensions.get("audit")
+        if audit is not None:  # absent only in apps built without the audit component
+            ip = client_ip(request.scope, TrustedProxies(state.vigil.settings.trusted_proxies))
+            audit.record(
+                "admin.breaker_override",
+                actor_user_id=None,  # the admin API authenticates a token, not a user
+                target_type="breaker",
+                target_id=name,
+                details={"state": data.state},
+                ip=ip,
+            )
         return registry.breakers[name].snapshot()  # type: ignore[no-any-return]

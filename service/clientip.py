@@ -9,7 +9,7 @@ of the first address a trusted proxy appended, and is never reached.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["TrustedProxies", "client_ip"]
@@ -39,7 +39,7 @@ def _forwarded_for(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
     return hops
 
 
-def client_ip(scope: dict[str, Any], trusted: TrustedProxies) -> str:
+def client_ip(scope: Mapping[str, Any], trusted: TrustedProxies) -> str:
     """The client address for ``scope`` (an ASGI HTTP or WebSocket scope)."""
     client = scope.get("client")
     peer = client[0] if client else "unknown"
