@@ -1,0 +1,1 @@
+"""Vigil's bounded contexts, one package each: auth, email, audit, events, workflows, ..."""

@@ -1,0 +1,98 @@
+"""Authentication: who is calling, as ``scope["user"]``.
+
+The contract other middleware (the rate limiter) and handlers rely on:
+
+* ``Authorization: Bearer <valid access token>``: ``scope["user"]`` is an :class:`AuthUser`;
+* no bearer token: ``scope["user"]`` is ``None`` (anonymous; each route decides, protected
+  ones with the :func:`requires_user` guard);
+* an invalid, expired or tampered token on an ``/api`` route: 401 problem+json with
+  ``WWW-Authenticate: Bearer error="invalid_token"``, before the handler runs.
+
+Routes that must work with a stale access token attached (login, refresh, logout, register,
+verify: a client whose access token expired is exactly who calls them) carry the handler
+opt :data:`TOLERATE_INVALID_TOKEN`, and so does everything outside ``/api`` (health,
+``/metrics``, the admin API with its own bearer token): there an invalid token only means
+anonymous.
+
+Verification is one HMAC and no I/O: no database lookup per request (revocation acts on
+refresh tokens; an access token lives ``access_token_ttl_seconds`` at most).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+from opentelemetry import trace
+
+from service.domain.auth.tokens import AccessTokens, AuthUser, InvalidToken
+
+__all__ = ["API_PREFIX", "TOLERATE_INVALID_TOKEN", "AuthenticationMiddleware", "requires_user"]
+
+#: Handler opt: an invalid bearer token makes the caller anonymous instead of a 401.
+TOLERATE_INVALID_TOKEN = "vigil_tolerate_invalid_token"
+#: Paths under which a bearer token is Vigil's access token and an invalid one is refused.
+API_PREFIX = "/api/"
+
+_DESCRIPTIONS = {"expired": "The access token expired", "invalid": "The access token is invalid"}
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; None without one (other schemes too)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+            return None
+    return None
+
+
+def _strict(scope: Scope) -> bool:
+    handler = scope.get("route_handler")
+    if handler is not None and handler.opt.get(TOLERATE_INVALID_TOKEN):
+        return False
+    return scope["path"].startswith(API_PREFIX)
+
+
+class AuthenticationMiddleware(ASGIMiddleware):
+    """Sets ``scope["user"]`` from the bearer access token (see the module docstring)."""
+
+    scopes = (ScopeType.HTTP, ScopeType.WEBSOCKET)
+
+    def __init__(self, tokens: AccessTokens) -> None:
+        self.tokens = tokens
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        user: AuthUser | None = None
+        token = _bearer(scope["headers"])
+        if token is not None:
+            try:
+                user = self.tokens.decode(token)
+            except InvalidToken as exc:
+                if _strict(scope):
+                    trace.get_current_span().add_event("auth.token_rejected", {"reason": exc.reason})
+                    description = _DESCRIPTIONS.get(exc.reason, _DESCRIPTIONS["invalid"])
+                    raise NotAuthorizedException(
+                        f"{description}; log in again or refresh it.",
+                        headers={
+                            "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'
+                        },
+                    ) from None
+        scope["user"] = user
+        await next_app(scope, receive, send)
+
+
+def requires_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the route needs an authenticated caller (401 + ``WWW-Authenticate`` otherwise)."""
+    if connection.scope.get("user") is None:
+        raise NotAuthorizedException(
+            "Authentication required: send an access token as 'Authorization: Bearer <token>'.",
+            headers={"WWW-Authenticate": 'Bearer realm="vigil"'},
+        )

@@ -1,0 +1,1 @@
+"""E-mail: the transactional outbox (``outbox.enqueue_email``) and its delivery worker."""
