@@ -1,6 +1,8 @@
 """The ``vigil`` command.
 
-    vigil run                     serve the API (embedded PostgreSQL + Redis when no URLs are set)
+    vigil run                     serve the API (embedded PostgreSQL + Redis when no URLs are set,
+                                  and then the background worker in the same process)
+    vigil worker                  run the background worker (SAQ), with /metrics on its own port
     vigil db upgrade [REV]        apply migrations (default: head)
     vigil db downgrade REV        revert migrations (``-1``, ``base`` or a revision id)
     vigil db current              print the database's revision, head and drift
@@ -9,20 +11,26 @@
     vigil settings FORMAT         print the documented settings (env-example or markdown)
 
 Exit codes: 0 success, 2 refused configuration (one line on stderr naming the setting),
-3 the server failed to start.
+3 the server failed to start, 128 + N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from service.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["main"]
 
@@ -104,11 +112,84 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if settings.embedded and not settings.database_url:
             migrate.upgrade(resolved.database_url)
         app = create_app(resolved)
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+        # proxy_headers off: X-Forwarded-For is believed only through VIGIL_TRUSTED_PROXIES
+        # (service.clientip), never by uvicorn's own defaults.
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="on", proxy_headers=False
+        )
+        if settings.embedded:
+            print(f"vigil: serving on http://{host}:{port} with the worker in-process", file=sys.stderr)
+            return asyncio.run(_serve_with_worker(config, resolved))
         server = uvicorn.Server(config)
         print(f"vigil: serving on http://{host}:{port}", file=sys.stderr)
         server.run()
         return 0 if server.started else 3
+
+
+async def _serve_with_worker(config: uvicorn.Config, settings: Settings) -> int:
+    """The API and the worker in one event loop (the embedded default). The first SIGINT or
+    SIGTERM stops the API, then the worker (running jobs finish); a second one hurries both."""
+    import uvicorn
+
+    from service.worker.app import WorkerOptions, WorkerRuntime
+
+    class Server(uvicorn.Server):
+        # uvicorn re-raises the signal once it has stopped, which would cut the worker's stop short.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = Server(config)
+    runtime = WorkerRuntime(settings, WorkerOptions(metrics_required=False))
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        server.handle_exit(sig, None)
+        if len(received) > 1:
+            runtime.force_stop()
+
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with runtime:
+            try:
+                await server.serve()
+            except SystemExit:  # uvicorn's way of saying it could not bind
+                return 3
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if received:
+        return 128 + received[0]
+    return 0 if server.started else 3
+
+
+def _resolved_for_worker(settings: Settings) -> Settings:
+    """Settings with both URLs: from the environment, else those of a running embedded `vigil run`."""
+    if settings.database_url and settings.redis_url:
+        return settings
+    running = _running_embedded(settings)
+    if running is None:
+        raise SettingsError(
+            "VIGIL_DATABASE_URL or VIGIL_REDIS_URL is empty and no embedded `vigil run` is running under "
+            "VIGIL_DATA_DIR (on the embedded default, `vigil run` already runs the worker)"
+        )
+    return dataclasses.replace(
+        settings,
+        database_url=settings.database_url or running["database_url"],
+        redis_url=settings.redis_url or running["redis_url"],
+    )
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from service.worker.app import WorkerOptions, run_worker
+
+    settings.enforce()  # refuse before starting anything
+    options = WorkerOptions(metrics_port=args.metrics_port)
+    return run_worker(_resolved_for_worker(settings), options)
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
@@ -164,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve the API")
     run.add_argument("--host", default=None)
     run.add_argument("--port", type=int, default=None)
+    wk = sub.add_parser("worker", help="run the background worker")
+    wk.add_argument("--metrics-port", type=int, default=None, help="default: VIGIL_WORKER_METRICS_PORT; 0 disables")
     db = sub.add_parser("db", help="database migrations")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     up = dbsub.add_parser("upgrade", help="apply migrations")
@@ -193,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "run":
             return cmd_run(settings, args)
+        if args.command == "worker":
+            return cmd_worker(settings, args)
         if args.command == "breaker":
             return cmd_breaker(settings, args)
         return cmd_db(settings, args)

@@ -10,4 +10,8 @@ from __future__ import annotations
 
 __all__ = ["COMPONENTS"]
 
-COMPONENTS: tuple[str, ...] = ()
+COMPONENTS: tuple[str, ...] = (
+    "service.domain.audit.component:AuditComponent",
+    "service.domain.auth.component:AuthComponent",
+    "service.guardrails.ratelimit:RateLimitComponent",
+)

@@ -196,7 +196,7 @@ class Settings:
     mail_from: str = "Vigil <no-reply@vigil.local>"
     """Sender of Vigil's e-mails."""
 
-    outbox_max_attempts: int = 8
+    outbox_max_attempts: int = 12
     """Delivery attempts of one e-mail before it is marked dead (an alert fires on dead mail)."""
 
     outbox_backoff_seconds: float = 2.0

@@ -26,6 +26,10 @@ def settings_for(database_url: str, redis_url: str, **overrides: Any) -> Setting
         "probe_interval_seconds": 0.3,
         "probe_timeout_seconds": 0.5,
         "log_format": "json",
+        # Tests share one Redis: limits high enough that only rate-limit tests ever meet them.
+        "ratelimit_auth": "100000/minute",
+        "ratelimit_user": "100000/minute",
+        "ratelimit_anonymous": "100000/minute",
     }
     base.update(overrides)
     return Settings(**base)
@@ -69,7 +73,9 @@ def running_server(app: Any) -> Iterator[str]:
     from service.embedded import free_port
 
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", proxy_headers=False
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
