@@ -9,10 +9,15 @@ from typing import Any
 import httpx
 
 from service.app import create_app
-from tests.integration.test_worker import SmtpSink, mail_settings, worker
+from tests.integration.test_worker import (
+    SmtpSink,
+    mail_settings,
+    outbox_db,  # noqa: F401  # fixture
+    redis_url,  # noqa: F401  # fixture
+    smtp_sink,  # noqa: F401  # fixture
+    worker,
+)
 from tests.support import eventually, running_server
-
-pytest_plugins = ["tests.integration.test_worker"]
 
 
 def _text_body(message: Any) -> str:
@@ -23,7 +28,10 @@ def _text_body(message: Any) -> str:
 
 
 async def test_register_to_verified_login_refresh_and_logout(
-    outbox_db: str, redis_url: str, smtp_sink: SmtpSink, spans: Any
+    outbox_db: str,  # noqa: F811  # the fixture imported above
+    redis_url: str,  # noqa: F811
+    smtp_sink: SmtpSink,  # noqa: F811
+    spans: Any,
 ) -> None:
     """A new user registers; the worker delivers the verification mail over SMTP; the link
     verifies the address; login issues tokens; refresh rotates them and the old refresh token
