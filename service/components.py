@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = ["COMPONENTS"]
 
 COMPONENTS: tuple[str, ...] = (
+    "service.worker.component:WorkerQueueComponent",
     "service.domain.audit.component:AuditComponent",
     "service.domain.auth.component:AuthComponent",
     "service.guardrails.ratelimit:RateLimitComponent",
