@@ -15,4 +15,5 @@ COMPONENTS: tuple[str, ...] = (
     "service.domain.audit.component:AuditComponent",
     "service.domain.auth.component:AuthComponent",
     "service.guardrails.ratelimit:RateLimitComponent",
+    "service.domain.uploads.component:UploadsComponent",
 )

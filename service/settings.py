@@ -232,6 +232,42 @@ class Settings:
     audit_max_attempts: int = 5
     """Write attempts of an audit batch before its entries are parked in the dead-letter queue."""
 
+    # --- Uploads (service/domain/uploads) -------------------------------------------------------
+    upload_dir: str = ""
+    """Folder of stored uploads (one filesystem, shared by every API instance). Empty:
+    ``<data_dir>/uploads``."""
+
+    upload_max_bytes: int = 10_485_760
+    """Largest file one upload may carry; larger answers 413 (counted as ``too_large``)."""
+
+    upload_user_quota_bytes: int = 104_857_600
+    """Bytes one user may keep stored in total; an upload that would exceed it answers 413
+    (counted as ``quota``)."""
+
+    upload_allowed_types: tuple[str, ...] = (
+        "application/json",
+        "application/pdf",
+        "image/gif",
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "text/csv",
+        "text/plain",
+    )
+    """Comma-separated content types an upload may declare; others answer 415. The first bytes
+    must match the declared type (magic numbers for images and PDF, no NUL byte for text)."""
+
+    upload_min_free_bytes: int = 1_073_741_824
+    """Uploads are refused with 507 while the storage volume has less free space than this
+    (or than ``upload_min_free_percent``, whichever is larger), before and after writing."""
+
+    upload_min_free_percent: float = 2.0
+    """Free space, in percent of the storage volume, below which uploads are refused with 507."""
+
+    upload_sweep_interval_seconds: float = 3600.0
+    """How often orphan files (a crash between writing and committing) older than an hour are
+    removed from the storage folder; 0 disables the sweeper."""
+
     dlq_spool_dir: Path = Path(".vigil/spool")
     """Folder of the local append-only dead-letter spool used when Redis is also down (fsynced)."""
 

@@ -266,6 +266,28 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         (),
         "Audit entries waiting in memory for their write.",
     ),
+    # --- Uploads (service/domain/uploads) -----------------------------------------------------
+    MetricSpec(
+        "upload_storage_free_bytes",
+        "gauge",
+        "By",
+        (),
+        "Free bytes on the upload storage volume (read at scrape time); NaN when unreadable.",
+    ),
+    MetricSpec(
+        "upload_storage_min_free_bytes",
+        "gauge",
+        "By",
+        (),
+        "Free bytes below which uploads are refused with 507 (the configured threshold).",
+    ),
+    MetricSpec(
+        "upload_rejections_total",
+        "counter",
+        "{upload}",
+        ("reason",),
+        "Uploads refused, by reason: too_large, quota, content_type, bad_name, disk_full, malformed.",
+    ),
     # --- Dead-letter queues (service/guardrails/dlq.py) ---------------------------------------
     MetricSpec(
         "dlq_depth",
