@@ -13,7 +13,11 @@ __all__ = ["COMPONENTS"]
 COMPONENTS: tuple[str, ...] = (
     "service.worker.component:WorkerQueueComponent",
     "service.domain.audit.component:AuditComponent",
+    "service.domain.events.component:EventsComponent",
     "service.domain.auth.component:AuthComponent",
+    "service.domain.realtime.component:RealtimeComponent",
     "service.guardrails.ratelimit:RateLimitComponent",
     "service.domain.uploads.component:UploadsComponent",
+    "service.domain.patterns.component:PatternsComponent",
+    "service.domain.integrations.component:IntegrationsComponent",
 )

@@ -268,14 +268,145 @@ class Settings:
     """How often orphan files (a crash between writing and committing) older than an hour are
     removed from the storage folder; 0 disables the sweeper."""
 
+    # --- Realtime (service/domain/realtime) ---------------------------------------------------
+    realtime_history_size: int = 1000
+    """Messages kept per user for clients resuming after a reconnect (a Redis stream per user,
+    trimmed with ``MAXLEN ~``; the same number in memory per instance while Redis is down)."""
+
+    realtime_history_ttl_seconds: int = 86_400
+    """A user's history expires this long after their last message."""
+
+    realtime_send_queue_size: int = 256
+    """Messages waiting for one slow WebSocket client; when full the connection is closed with
+    1013 (the client resumes from its last id) and the drop is counted."""
+
+    realtime_max_connections_per_user: int = 10
+    """Open WebSockets one user may hold per instance; one more is closed with 4429."""
+
+    realtime_auth_timeout_seconds: float = 10.0
+    """How long a new WebSocket may take to send its ``auth`` message before it is closed (4408)."""
+
+    realtime_ping_interval_seconds: float = 20.0
+    """Idle time after which the server sends ``{"type": "ping"}``; a client silent for two
+    intervals more is closed (4000) and its subscription released."""
+
+    realtime_reconnect_interval_seconds: float = 1.0
+    """While Redis is down, how often fan-out tries to return to it."""
+
     dlq_spool_dir: Path = Path(".vigil/spool")
     """Folder of the local append-only dead-letter spool used when Redis is also down (fsynced)."""
+
+    # --- Events (service/domain/events) -------------------------------------------------------
+
+    events_batch_max_items: int = 5_000
+    """Most events one ``POST /api/events/batch`` may carry; more is a 413 naming the body."""
+
+    events_batch_max_body_bytes: int = 16_777_216
+    """Body-size limit of ``POST /api/events/batch`` (the general ``max_body_bytes`` is too small
+    for thousands of events); above it, 413."""
+
+    events_chunk_size: int = 1_000
+    """Events written per transaction (one set-based statement); a failing chunk is deferred to
+    the ``events`` dead-letter queue whole while the other chunks still commit."""
+
+    events_batch_budget_seconds: float = 20.0
+    """Time one batch may spend writing; chunks not started by then are deferred to the
+    dead-letter queue, so a large batch answers before a client or proxy times out."""
+
+    events_dlq_max_attempts: int = 10
+    """Failed replays of a dead-lettered event before it is parked (kept for an operator)."""
+
+    events_backpressure_depth: int = 100_000
+    """Above this ``dlq_depth{queue="events"}``, new event writes answer 503 + ``Retry-After``."""
+
+    events_backpressure_retry_after_seconds: int = 30
+    """``Retry-After`` of the backpressure 503."""
+
+    events_replay_cron: str = "* * * * * */2"
+    """When the worker replays the ``events`` dead-letter queue (croniter; sixth field: seconds)."""
 
     worker_metrics_port: int = 9101
     """Port of the worker's own ``/metrics`` endpoint (``vigil worker``)."""
 
     worker_concurrency: int = 10
     """Jobs one worker process runs at once."""
+
+    # --- Pattern analysis (service/domain/patterns) ----------------------------------------------
+    patterns_lookback_days: int = 28
+    """Days of events (by ``occurred_at``) one analysis looks at."""
+
+    patterns_max_events: int = 50_000
+    """Most recent events of the look-back window one analysis reads at most (bounds its cost)."""
+
+    patterns_debounce_seconds: float = 5.0
+    """Delay between an ingest and the analysis it triggers; ingests of one user meanwhile share
+    that one analysis."""
+
+    patterns_min_days: int = 3
+    """Distinct days on which an event type must occur in the same hour (UTC) to be a
+    ``time_of_day`` pattern."""
+
+    patterns_sequence_window_minutes: int = 30
+    """B must follow A within this many minutes for the pair to count as an A->B ``sequence``."""
+
+    patterns_min_support: int = 3
+    """Fewest occurrences (A events followed by B, for a sequence) a sequence pattern needs."""
+
+    patterns_suggest_min_support: int = 5
+    """Support a pattern needs before a workflow is suggested from it."""
+
+    patterns_suggest_min_confidence: float = 0.6
+    """Confidence (0..1) a pattern needs before a workflow is suggested from it."""
+
+    patterns_max_attempts: int = 3
+    """Attempts of one analysis (transient database errors) before it is dead-lettered."""
+
+    # --- Workflows (service/domain/workflows) ---------------------------------------------------
+    workflow_lease_seconds: float = 30.0
+    """Lease a worker holds on a run it executes, renewed by a heartbeat every third of it. A run
+    whose lease expired (worker killed, event loop blocked) is stuck and reclaimed by the reaper."""
+
+    workflow_tick_seconds: int = 5
+    """Period (1-59 s) of the worker's scheduler, stuck-run reaper and workflow gauges."""
+
+    workflow_run_max_attempts: int = 3
+    """Attempts of one run: a run whose worker was lost is retried from its first unfinished
+    step until then, and compensated after the last."""
+
+    workflow_scheduler_batch: int = 100
+    """Due schedules one scheduler tick claims at most (the rest wait for the next tick)."""
+
+    # --- integrations (service/domain/integrations) ---------------------------------------------
+
+    credential_keys: tuple[str, ...] = ()
+    """Keys sealing integration credentials (AES-256-GCM), comma-separated ``kid:base64key``
+    (``vigil keys generate`` prints one). The first seals, all open; retire a key by removing it
+    after ``vigil keys rotate``. Empty: refused in production; elsewhere a key generated once and
+    kept in ``data_dir/credential-keys``."""
+
+    integrations_allow_private_networks: bool = False
+    """Let integrations call loopback, private and link-local addresses (tests, local development).
+    Off: such base URLs and token URLs are refused with 422 (SSRF)."""
+
+    integration_timeout_seconds: float = 10.0
+    """Longest one outbound integration request (or token refresh) may take when the caller does
+    not say."""
+
+    integration_token_refresh_margin_seconds: float = 300.0
+    """An OAuth access token expiring within this is refreshed before it is used (and by the
+    worker's refresh sweep)."""
+
+    integration_expiry_warning_seconds: float = 604_800.0
+    """An API key expiring within this counts in ``integration_credentials_expiring`` (7 days)."""
+
+    integration_breaker_minimum_calls: int = 5
+    """Calls to one integration (of its last 20) before its breaker may open."""
+
+    integration_breaker_failure_rate_threshold: float = 50.0
+    """Percentage of failed calls (transport error, timeout, 5xx) that opens an integration's breaker."""
+
+    integration_breaker_wait_in_open_seconds: float = 30.0
+    """How long an open integration breaker fails calls fast before trial calls."""
 
     admin_token: str = ""
     """Bearer token of the ``/admin`` API (breaker overrides). Empty disables the admin API."""
@@ -348,6 +479,8 @@ class Settings:
             found.append(Finding("database_url", "is empty, so the embedded development database is used"))
         if not self.smtp_host:
             found.append(Finding("smtp_host", "is empty, so e-mails are logged instead of sent"))
+        if not self.credential_keys:
+            found.append(Finding("credential_keys", "is not set, so integration credentials have no managed key"))
         if self.admin_token and len(self.admin_token.encode()) < MIN_SECRET_BYTES:
             found.append(Finding("admin_token", f"is shorter than {MIN_SECRET_BYTES} bytes"))
         return found

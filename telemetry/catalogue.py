@@ -310,6 +310,184 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         ("queue", "action"),
         "Dead-letter queue traffic by action: enqueued, replayed, discarded.",
     ),
+    # --- Realtime (service/domain/realtime) --------------------------------------------------
+    MetricSpec(
+        "realtime_connections",
+        "gauge",
+        "{connection}",
+        (),
+        "Open, authenticated WebSocket connections on this instance.",
+    ),
+    MetricSpec(
+        "realtime_messages_total",
+        "counter",
+        "{message}",
+        ("direction", "kind"),
+        "WebSocket messages by direction (out: sent to clients; in: received from them) and kind"
+        " (event, pattern, suggestion, workflow_run, control).",
+    ),
+    MetricSpec(
+        "realtime_messages_dropped_total",
+        "counter",
+        "{message}",
+        ("reason",),
+        "Messages not delivered live: slow_consumer (the connection's send queue was full, so it"
+        " was closed with 1013; the client resumes from history).",
+    ),
+    MetricSpec(
+        "realtime_connections_rejected_total",
+        "counter",
+        "{connection}",
+        ("reason",),
+        "WebSocket connections refused: unauthenticated, auth_timeout, bad_message, limit.",
+    ),
+    MetricSpec(
+        "realtime_fanout_backend",
+        "gauge",
+        "1",
+        ("backend",),
+        "1 for the fan-out backend in use: redis (across instances) or local (this instance only,"
+        " Redis unreachable); the other series is 0.",
+    ),
+    # --- Pattern analysis (service/domain/patterns) ------------------------------------------
+    MetricSpec(
+        "pattern_analysis_enqueues_total",
+        "counter",
+        "{job}",
+        ("outcome",),
+        "Requests for a user's pattern analysis by outcome: enqueued, deduplicated (one already"
+        " waiting: debounced), failed (queue unreachable; the sweep catches the user later).",
+    ),
+    MetricSpec(
+        "pattern_analysis_runs_total",
+        "counter",
+        "{run}",
+        ("outcome",),
+        "Pattern analyses by outcome: succeeded, dead_lettered (failed after its retries; replayed"
+        " later from the patterns dead-letter queue).",
+    ),
+    MetricSpec(
+        "pattern_analysis_duration_seconds",
+        "histogram",
+        "s",
+        (),
+        "Duration of one user's pattern analysis, retries included.",
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    ),
+    MetricSpec(
+        "pattern_suggestions_created_total",
+        "counter",
+        "{suggestion}",
+        ("kind",),
+        "Workflow suggestions created from strong patterns, by pattern kind: time_of_day, sequence.",
+    ),
+    # --- Workflows (service/domain/workflows; emitted by the worker) -------------------------
+    MetricSpec(
+        "workflow_runs_total",
+        "counter",
+        "{run}",
+        ("status",),
+        "Workflow runs reaching a status: succeeded, compensated (a step failed; every compensation"
+        " succeeded), failed (a step failed and compensation was impossible or failed, or the run"
+        " was abandoned), stuck (its lease expired: worker lost; then retried or compensated).",
+    ),
+    MetricSpec(
+        "workflow_runs_active",
+        "gauge",
+        "{run}",
+        ("status",),
+        "Runs waiting for a worker (queued) or executing (running, compensating included), from"
+        " the database.",
+    ),
+    MetricSpec(
+        "workflow_runs_stuck",
+        "gauge",
+        "{run}",
+        (),
+        "Runs whose lease expired without a heartbeat (worker killed, event loop blocked), marked"
+        " stuck or about to be, from the database; the reaper retries or compensates them.",
+    ),
+    MetricSpec(
+        "workflow_step_duration_seconds",
+        "histogram",
+        "s",
+        ("kind", "outcome"),
+        "Duration of one attempt of a workflow step or compensation, by step kind (http, delay,"
+        " emit_event, email) and outcome (succeeded, failed, timeout, lost).",
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    ),
+    MetricSpec(
+        "workflow_run_pickup_latency_seconds",
+        "histogram",
+        "s",
+        (),
+        "Time from a run's queueing (or its scheduled time) to its first claim by a worker.",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+    ),
+    MetricSpec(
+        "worker_queue_depth",
+        "gauge",
+        "{job}",
+        ("queue",),
+        "Jobs waiting in the worker's SAQ queue (all kinds), read from Redis.",
+    ),
+    # --- Events (service/domain/events) -------------------------------------------------------
+    MetricSpec(
+        "events_ingested_total",
+        "counter",
+        "{event}",
+        ("path", "outcome"),
+        "Events received by path (single, batch) and outcome: stored, duplicate (idempotency key"
+        " seen before), rejected (invalid), deferred (dead-lettered, replayed later), failed (not"
+        " accepted: the database and the dead-letter queue both unusable).",
+    ),
+    MetricSpec(
+        "events_listener_errors_total",
+        "counter",
+        "{call}",
+        (),
+        "Event listener calls (pattern analysis, real-time fan-out) that raised; the events stay stored.",
+    ),
+    # --- Integrations (service/domain/integrations) ------------------------------------------
+    MetricSpec(
+        "integration_calls_total",
+        "counter",
+        "{call}",
+        ("connector", "outcome"),
+        "Outbound integration calls by connector kind and outcome: success, client_error, unauthorized,"
+        " server_error, timeout, transport_error, rejected (breaker open), needs_reauth (not attempted).",
+    ),
+    MetricSpec(
+        "integration_call_duration_seconds",
+        "histogram",
+        "s",
+        ("connector",),
+        "Duration of outbound integration requests that got an answer, by connector kind.",
+        buckets=HTTP_DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        "integration_token_refreshes_total",
+        "counter",
+        "{refresh}",
+        ("connector", "outcome"),
+        "OAuth token refreshes by outcome: success, failed (token endpoint unreachable or erroring),"
+        " refused (refresh token rejected: the integration needs re-authorisation).",
+    ),
+    MetricSpec(
+        "integration_credentials_expiring",
+        "gauge",
+        "{integration}",
+        ("connector",),
+        "Active integrations whose credentials expire soon without renewal: API keys within the warning"
+        " window, OAuth access tokens within the refresh margin (refresh not keeping up).",
+    ),
+    MetricSpec(
+        "integration_needs_reauth",
+        "gauge",
+        "{integration}",
+        ("connector",),
+        "Integrations whose refresh token was refused: calls fail until a user reconnects them.",
+    ),
     # --- Build ----------------------------------------------------------------------------------
     MetricSpec(
         "app_info",

@@ -1,0 +1,181 @@
+"""The Redis side of real-time fan-out: a bounded history stream and a pub/sub channel per user.
+
+One Lua script appends a message to the user's stream (``XADD … MAXLEN ~ N``, the stream entry
+id becoming the message id) and publishes it on the user's channel, atomically: the order of
+ids in the stream is the order of messages on the channel, which is what lets a reconnecting
+client read the history after its last id and then switch to live messages with neither a gap
+nor a duplicate (see :mod:`service.domain.realtime.hub`).
+
+Message ids are Redis stream ids, ``"<milliseconds>-<sequence>"``, increasing per user.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from telemetry.logging import get_logger
+
+__all__ = [
+    "KINDS",
+    "History",
+    "Kind",
+    "MessageId",
+    "channel_key",
+    "encode_body",
+    "frame",
+    "parse_id",
+    "publish_via_redis",
+    "read_history",
+    "stream_key",
+]
+
+Kind = Literal["event", "pattern", "suggestion", "workflow_run"]
+KINDS: frozenset[str] = frozenset({"event", "pattern", "suggestion", "workflow_run"})
+MessageId = tuple[int, int]
+
+DEFAULT_HISTORY_SIZE = 1000
+DEFAULT_HISTORY_TTL_SECONDS = 86_400
+_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_log = get_logger("vigil.realtime")
+
+# KEYS: stream, channel. ARGV: kind, body (a JSON object starting with {"kind"), maxlen, ttl ms.
+# The channel carries "<id>\n<kind>\n<frame>" so subscribers route without parsing JSON.
+_PUBLISH_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'k', ARGV[1], 'b', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local frame = '{"id":"' .. id .. '",' .. string.sub(ARGV[2], 2)
+redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[1] .. '\\n' .. frame)
+return id
+"""
+
+
+def stream_key(user_id: uuid.UUID) -> str:
+    return f"vigil:rt:history:{user_id}"
+
+
+def channel_key(user_id: uuid.UUID) -> str:
+    return f"vigil:rt:user:{user_id}"
+
+
+def parse_id(raw: str) -> MessageId | None:
+    """``(ms, seq)`` of a message id; None when ``raw`` is not one."""
+    m = _ID_RE.match(raw)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def format_id(mid: MessageId) -> str:
+    return f"{mid[0]}-{mid[1]}"
+
+
+def encode_body(kind: str, data: Any) -> str:
+    """``{"kind": …, "data": …}`` as JSON (msgspec: datetimes, UUIDs and Structs encode)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown realtime kind {kind!r}; expected one of {sorted(KINDS)}")
+    return msgspec.json.encode({"kind": kind, "data": data}).decode()
+
+
+def frame(mid: str, body: str) -> str:
+    """The client message ``{"id": …, "kind": …, "data": …}`` from an id and an encoded body."""
+    return '{"id":"' + mid + '",' + body[1:]
+
+
+class _State:
+    failing = False
+    """Whether the last :func:`publish_via_redis` of this process failed (one log per change)."""
+
+
+async def append_and_publish(
+    redis: aioredis.Redis,
+    user_id: uuid.UUID,
+    kind: str,
+    body: str,
+    *,
+    history_size: int = DEFAULT_HISTORY_SIZE,
+    history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
+) -> str:
+    """Append to the user's history and publish to their channel; the message id. Raises
+    :class:`redis.exceptions.RedisError` (or ``OSError``) when Redis is unreachable."""
+    # EVALSHA, falling back to EVAL once per server (a restarted Redis has lost its scripts).
+    raw = await redis.register_script(_PUBLISH_LUA)(
+        keys=[stream_key(user_id), channel_key(user_id)],
+        args=[kind, body, history_size, history_ttl_seconds * 1000],
+    )
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def publish_via_redis(
+    redis: aioredis.Redis,
+    user_id: uuid.UUID,
+    kind: str,
+    data: Any,
+    *,
+    history_size: int = DEFAULT_HISTORY_SIZE,
+    history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
+) -> str | None:
+    """Push ``data`` to every connected client of ``user_id`` on any instance (for processes
+    without WebSockets, such as the worker). Returns the message id, or None when Redis is
+    unreachable: real-time delivery is best effort (the data itself is in PostgreSQL), so this
+    never raises for an outage; one log line per change of state, not per message.
+
+    ``kind`` must be one of :data:`KINDS` (ValueError otherwise)."""
+    body = encode_body(kind, data)
+    try:
+        mid = await append_and_publish(
+            redis, user_id, kind, body, history_size=history_size, history_ttl_seconds=history_ttl_seconds
+        )
+    except (RedisError, OSError) as exc:
+        if not _State.failing:
+            _State.failing = True
+            _log.warning("realtime_publish_unavailable", error=type(exc).__name__)
+        return None
+    if _State.failing:
+        _State.failing = False
+        _log.info("realtime_publish_recovered")
+    return mid
+
+
+class History(msgspec.Struct):
+    """What a resuming client missed: frames after its last id, oldest first."""
+
+    frames: list[tuple[MessageId, str, str]]
+    """``(id, kind, frame)`` in id order."""
+
+    gap: bool
+    """True when the history no longer reaches back to the client's last id (trimmed or
+    expired): the client must reload through the REST API."""
+
+
+async def read_history(
+    redis: aioredis.Redis, user_id: uuid.UUID, after: MessageId, *, history_size: int, history_ttl_seconds: int
+) -> History:
+    """The user's messages with an id greater than ``after`` (Redis errors propagate)."""
+    key = stream_key(user_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xrange(key, min=f"({format_id(after)}", max="+")
+        pipe.xrange(key, min="-", max="+", count=1)
+        pipe.xlen(key)
+        entries, first, length = await pipe.execute()
+    frames: list[tuple[MessageId, str, str]] = []
+    for raw_id, fields in entries:
+        mid = raw_id.decode()
+        parsed = parse_id(mid)
+        if parsed is None:  # pragma: no cover - Redis only makes well-formed ids
+            continue
+        frames.append((parsed, fields[b"k"].decode(), frame(mid, fields[b"b"].decode())))
+    if first:
+        oldest = parse_id(first[0][0].decode())
+        # Trimming only starts once the stream is full: an oldest entry after the client's last
+        # id in a full stream means entries in between may have been trimmed (conservative: a
+        # false alarm only costs the client one reload).
+        gap = oldest is not None and oldest > after and length >= history_size
+    else:
+        # No stream: nothing since the last id, unless it is older than the history lives.
+        gap = after[0] < (time.time() - history_ttl_seconds) * 1000
+    return History(frames=frames, gap=gap)
