@@ -11,7 +11,13 @@ from service.worker.base import JobSet
 
 __all__ = ["JOB_SETS", "load_job_sets"]
 
-JOB_SETS: tuple[str, ...] = ("service.domain.email.jobs:email_jobs",)
+JOB_SETS: tuple[str, ...] = (
+    "service.domain.email.jobs:email_jobs",
+    "service.domain.events.jobs:events_jobs",
+    "service.domain.patterns.jobs:pattern_jobs",
+    "service.domain.integrations.jobs:integration_jobs",
+    "service.domain.workflows.jobs:workflow_jobs",
+)
 
 
 def load_job_sets(settings: Settings, paths: tuple[str, ...] = JOB_SETS) -> list[JobSet]:
