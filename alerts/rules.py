@@ -210,4 +210,27 @@ GUARDRAILS: tuple[Alert, ...] = (
         "vigil-workflows",
         awaits=("workflow_runs_stuck",),
     ),
+    # --- Uploads (service/domain/uploads) ---------------------------------------------------------
+    # Both sides come from the same instance (same labels), so the threshold each instance
+    # enforces is the one its free space is compared with: no number copied into the rule.
+    Alert(
+        "VigilUploadStorageLow",
+        "warning",
+        "upload_storage_free_bytes < 2 * upload_storage_min_free_bytes",
+        "15m",
+        "The upload storage volume is nearing the free-space floor below which uploads are refused.",
+        "{{ $labels.instance }} ({{ $labels.job }}) has {{ $value | humanize1024 }}B free on its upload"
+        " volume, less than twice the threshold below which uploads answer 507.",
+        "vigil-guardrails",
+    ),
+    Alert(
+        "VigilUploadStorageLow",
+        "critical",
+        "upload_storage_free_bytes < upload_storage_min_free_bytes",
+        "5m",
+        "The upload storage volume is below its free-space floor: uploads are refused with 507.",
+        "{{ $labels.instance }} ({{ $labels.job }}) has only {{ $value | humanize1024 }}B free on its"
+        " upload volume: every upload is answered 507 until space is freed.",
+        "vigil-guardrails",
+    ),
 )

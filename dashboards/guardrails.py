@@ -321,6 +321,29 @@ def _outbox_and_audit(board: Board) -> None:
     )
 
 
+def _uploads(board: Board) -> None:
+    free, floor = sel("upload_storage_free_bytes"), sel("upload_storage_min_free_bytes")
+    board.row("Uploads (domain/uploads): disk guard, size, quota, type and name").add(
+        timeseries_panel(
+            "Upload storage free space",
+            "Free bytes on the upload volume per instance, against the threshold below which uploads"
+            " answer 507 (VigilUploadStorageLow fires at twice the threshold).",
+            query(f"min by (instance) ({free})", "free {{instance}}"),
+            query(f"max by (instance) ({floor})", "507 threshold {{instance}}"),
+            unit="bytes",
+            w=12,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Upload rejections by reason",
+            "Refused uploads per second: too_large, quota, content_type, bad_name, disk_full (507), malformed.",
+            query(f"sum by (reason) ({_rate('upload_rejections_total')})", "{{reason}}"),
+            unit="cps",
+            w=12,
+        ),
+    )
+
+
 def build() -> dashboard.Dashboard:
     board = Board(
         UID,
@@ -328,6 +351,6 @@ def build() -> dashboard.Dashboard:
         ["guardrails"],
         "Every guardrail of docs/guardrails.md: what it is doing now and when it acted.",
     )
-    for row in (_database, _breakers, _limiter, _cache, _dependencies, _queues, _outbox_and_audit):
+    for row in (_database, _breakers, _limiter, _cache, _dependencies, _queues, _outbox_and_audit, _uploads):
         row(board)
     return board.build()
