@@ -9,6 +9,10 @@
     vigil breaker list            print the operator overrides in force (all instances)
     vigil breaker set NAME STATE  forced_open, disabled or auto, applied by every instance
     vigil settings FORMAT         print the documented settings (env-example or markdown)
+    vigil dlq list|replay|discard --queue NAME [ID]
+                                  dead-letter entries (audit, events): list, write now, delete
+    vigil keys generate [--kid K] print a new credential key entry for VIGIL_CREDENTIAL_KEYS
+    vigil keys rotate             re-seal integration credentials under the primary (first) key
 
 Exit codes: 0 success, 2 refused configuration (one line on stderr naming the setting),
 3 the server failed to start, 128 + N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM).
@@ -239,6 +243,46 @@ def cmd_breaker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """``vigil keys generate|rotate`` (integration credential keys, D40)."""
+    from service.domain.integrations.keyring import Keyring, generate_key_line
+
+    if args.keys_command == "generate":
+        print(generate_key_line(args.kid))
+        return 0
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from service.domain.integrations.rotation import rotate_credentials
+
+    keyring = Keyring.from_settings(settings)
+
+    async def go(url: str) -> dict[str, object]:
+        engine = create_async_engine(url)
+        try:
+            report = await rotate_credentials(async_sessionmaker(engine), keyring, args.batch_size)
+        finally:
+            await engine.dispose()
+        return dataclasses.asdict(report)
+
+    with contextlib.ExitStack() as stack:
+        report = asyncio.run(go(_database_url(settings, stack)))
+    print(json.dumps(report))
+    return 0 if report["unreadable"] == 0 else 1
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """``vigil dlq list|replay|discard --queue NAME [ID]`` (see ``service.dlq_admin``)."""
+    from service.dlq_admin import run_cli
+
+    with contextlib.ExitStack() as stack:
+        code, answer = asyncio.run(
+            run_cli(args.dlq_command, args.queue, getattr(args, "id", None), redis_url=_redis_url(settings),
+                    database_url=_database_url(settings, stack), spool_dir=settings.dlq_spool_dir)
+        )  # fmt: skip
+    print(json.dumps(answer, default=str))
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vigil", description="Vigil automation API")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     brset = brsub.add_parser("set", help="override a breaker on every instance")
     brset.add_argument("name", help="breaker name, e.g. database")
     brset.add_argument("state", choices=["forced_open", "disabled", "auto"])
+    keys = sub.add_parser("keys", help="integration credential keys")
+    keysub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keysub.add_parser("generate", help="print a new kid:base64key entry")
+    gen.add_argument("--kid", default=None, help="key id (default: random)")
+    rot = keysub.add_parser("rotate", help="re-seal every credential under the primary key")
+    rot.add_argument("--batch-size", type=int, default=100)
+    dq = sub.add_parser("dlq", help="dead-letter queue entries")
+    dqsub = dq.add_subparsers(dest="dlq_command", required=True)
+    for name, id_help in (("list", None), ("replay", "one entry; all when omitted"), ("discard", "the entry")):
+        one = dqsub.add_parser(name, help=f"{name} dead-letter entries")
+        one.add_argument("--queue", required=True, help="audit or events")
+        if id_help:
+            one.add_argument("id", nargs="?" if name == "replay" else None, default=None, help=id_help)
     st = sub.add_parser("settings", help="print the documented settings")
     st.add_argument("format", choices=["env-example", "markdown"])
     return parser
@@ -280,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_worker(settings, args)
         if args.command == "breaker":
             return cmd_breaker(settings, args)
+        if args.command == "dlq":
+            return cmd_dlq(settings, args)
+        if args.command == "keys":
+            return cmd_keys(settings, args)
         return cmd_db(settings, args)
     except SettingsError as exc:
         print(f"vigil: {exc}", file=sys.stderr)

@@ -104,7 +104,12 @@ async def test_production_refuses_to_start_behind_head(fresh_database_url: str, 
 
     url = fresh_database_url
     await asyncio.to_thread(migrate.upgrade, url, migrate.pending(None)[0])
-    prod = {"env": "production", "cors_origins": ("https://app.example",), "smtp_host": "smtp.example"}
+    prod = {
+        "env": "production",
+        "cors_origins": ("https://app.example",),
+        "smtp_host": "smtp.example",
+        "credential_keys": ("k1:" + "A" * 43 + "=",),
+    }
     with pytest.raises(BaseException) as refused:  # the test client wraps it in an ExceptionGroup
         async with AsyncTestClient(create_app(settings_for(url, redis_server.url(), **prod))):
             pass

@@ -32,7 +32,12 @@ VIGIL_SERVICES = ("migrate", "api", "worker")
 SETTING_NAMES = frozenset(env_name(f.name) for f in dataclasses.fields(Settings))
 WAIT_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 # What the operator exports before `docker compose up` (the file's required variables).
-OPERATOR_ENVIRONMENT = {"VIGIL_JWT_SECRET": "k" * 48, "POSTGRES_PASSWORD": "pw", "VIGIL_SMTP_HOST": "smtp.example"}
+OPERATOR_ENVIRONMENT = {
+    "VIGIL_JWT_SECRET": "k" * 48,
+    "POSTGRES_PASSWORD": "pw",
+    "VIGIL_SMTP_HOST": "smtp.example",
+    "VIGIL_CREDENTIAL_KEYS": "k1:" + "A" * 43 + "=",
+}
 
 # Compose interpolation: `$$` is a literal dollar, `${NAME}`, `${NAME:-default}`,
 # `${NAME:?error}` (and the forms without the colon) or a bare `$NAME`.

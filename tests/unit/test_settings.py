@@ -17,6 +17,7 @@ PROD = {
     "VIGIL_DATABASE_URL": "postgresql+asyncpg://db/vigil",
     "VIGIL_REDIS_URL": "redis://cache:6379/0",
     "VIGIL_SMTP_HOST": "smtp.example",
+    "VIGIL_CREDENTIAL_KEYS": "k1:" + "A" * 43 + "=",
 }
 
 
@@ -54,6 +55,7 @@ def test_settings_are_immutable() -> None:
         ({"VIGIL_CORS_ORIGINS": "https://ok.example,*"}, "VIGIL_CORS_ORIGINS"),
         ({"VIGIL_DATABASE_URL": ""}, "VIGIL_DATABASE_URL"),
         ({"VIGIL_SMTP_HOST": ""}, "VIGIL_SMTP_HOST"),
+        ({"VIGIL_CREDENTIAL_KEYS": ""}, "VIGIL_CREDENTIAL_KEYS"),
     ],
 )
 def test_production_refuses_unsafe_settings(override: dict[str, str], setting: str) -> None:
@@ -71,7 +73,7 @@ def test_production_with_safe_settings_starts() -> None:
 def test_development_only_warns() -> None:
     """Outside production the same findings are returned as warnings, not raised."""
     found = Settings.from_env({"VIGIL_CORS_ORIGINS": "*"}).enforce()
-    assert {f.setting for f in found} == {"jwt_secret", "cors_origins", "database_url", "smtp_host"}
+    assert {f.setting for f in found} == {"jwt_secret", "cors_origins", "database_url", "smtp_host", "credential_keys"}
 
 
 @pytest.mark.parametrize(
