@@ -293,6 +293,10 @@ class DeadLetterQueue:
         await self.refresh()
         return int(self._depth_now())
 
+    def current_depth(self) -> int:
+        """Depth as of the last refresh, without I/O (for checks on a request path)."""
+        return int(self._depth_now())
+
     async def oldest_age(self) -> float:
         """Seconds since the oldest entry was first seen; 0 when empty."""
         await self.refresh()
