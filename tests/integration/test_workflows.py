@@ -4,8 +4,12 @@ run history, and isolation between users."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,8 +19,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.db.engine import create_sessionmaker
 from service.db.models import Workflow
+from service.domain.integrations.jobs import integration_jobs
+from service.domain.integrations.keyring import Keyring, generate_key_line
+from service.domain.integrations.service import create_integration
 from service.domain.workflows.definition import DefinitionError
+from service.domain.workflows.jobs import enqueue_run, workflow_jobs
 from service.domain.workflows.service import create_workflow, queue_manual_run, update_workflow
+from service.settings import Settings
+from service.worker.app import WorkerOptions, WorkerRuntime
+from service.worker.queue import create_queue
+from tests.support import settings_for
+
+CREDENTIAL_KEY = generate_key_line("test")
+"""One key for the test and every worker it starts (in process or as ``vigil worker``)."""
 
 DEFINITION: dict[str, Any] = {
     "steps": [
@@ -43,6 +58,131 @@ async def new_user(engine: AsyncEngine) -> uuid.UUID:
             {"id": user_id, "email": f"wf-{user_id.hex[:12]}@example.com"},
         )
     return user_id
+
+
+# --- helpers shared with tests/faults/test_workflow_faults.py ---------------------------------
+
+
+@dataclass
+class Remote:
+    """A real HTTP server's behaviour and what it received (an ASGI app served by uvicorn)."""
+
+    received: list[tuple[str, str, Any]] = field(default_factory=list)
+    """(method, path, JSON body) in arrival order."""
+    status: dict[str, int] = field(default_factory=dict)
+    """Answer per path (default 200)."""
+    fail_first: dict[str, int] = field(default_factory=dict)
+    """Path -> how many first requests answer 503."""
+    delay: dict[str, float] = field(default_factory=dict)
+    """Path -> seconds to wait before answering."""
+    api_keys: list[str | None] = field(default_factory=list)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        self.received.append((scope["method"], path, json.loads(body) if body else None))
+        self.api_keys.append(dict(scope["headers"]).get(b"x-api-key", b"").decode() or None)
+        await asyncio.sleep(self.delay.get(path, 0.0))
+        status = self.status.get(path, 200)
+        if self.fail_first.get(path, 0) > 0:
+            self.fail_first[path] -= 1
+            status = 503
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    def calls(self) -> list[tuple[str, str]]:
+        return [(m, p) for m, p, _ in self.received]
+
+
+def wf_settings(db_url: str, redis_url: str, tmp: Any = None, **overrides: Any) -> Settings:
+    """Settings for workers in these tests: short lease and tick, local integrations allowed."""
+    base: dict[str, Any] = {
+        "workflow_lease_seconds": 2.0,
+        "workflow_tick_seconds": 1,
+        "credential_keys": (CREDENTIAL_KEY,),
+        "integrations_allow_private_networks": True,
+    }
+    base.update(overrides)
+    return settings_for(db_url, redis_url, **base)
+
+
+def wf_worker(settings: Settings, **options: Any) -> WorkerRuntime:
+    """An in-process worker running the workflow and integration job sets."""
+    opts: dict[str, Any] = {
+        "job_sets": (workflow_jobs(settings), integration_jobs(settings)),
+        "metrics_port": 0,
+        "shutdown_grace_seconds": 5.0,
+    }
+    opts.update(options)
+    return WorkerRuntime(settings, WorkerOptions(**opts))
+
+
+async def add_integration(engine: AsyncEngine, user_id: uuid.UUID, base_url: str, name: str = "crm") -> None:
+    """An ``http_api_key`` integration of ``user_id`` pointing at a test server."""
+    async with create_sessionmaker(engine)() as session:
+        await create_integration(
+            session, Keyring.from_entries((CREDENTIAL_KEY,)), user_id=user_id, kind="http_api_key", name=name,
+            base_url=base_url, credentials={"api_key": "k-123"}, allow_private=True,
+        )  # fmt: skip
+        await session.commit()
+
+
+async def add_workflow(engine: AsyncEngine, user_id: uuid.UUID, definition: dict[str, Any], **kwargs: Any) -> uuid.UUID:
+    async with create_sessionmaker(engine)() as session:
+        wf = await create_workflow(session, user_id=user_id, name="w", definition=definition, **kwargs)
+        await session.commit()
+        return wf.id
+
+
+async def start_run(engine: AsyncEngine, redis_url: str, workflow_id: uuid.UUID, **kwargs: Any) -> uuid.UUID:
+    """A manual run of the workflow, committed and enqueued as the API does."""
+    async with create_sessionmaker(engine)() as session:
+        wf = await session.get(Workflow, workflow_id)
+        assert wf is not None
+        run, _ = await queue_manual_run(session, wf, idempotency_key=None, **kwargs)
+        await session.commit()
+        run_id, definition = run.id, wf.definition
+    queue = create_queue(redis_url)
+    await queue.connect()
+    try:
+        assert await enqueue_run(queue, run_id, 0, definition)
+    finally:
+        await queue.disconnect()
+    return run_id
+
+
+async def run_row(engine: AsyncEngine, run_id: uuid.UUID) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT * FROM workflow_runs WHERE id = :id"), {"id": run_id})).one()
+    return dict(row._mapping)
+
+
+async def step_rows(engine: AsyncEngine, run_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Step attempts of the run in the order they started (skipped rows last)."""
+    sql = (
+        "SELECT * FROM workflow_step_runs WHERE run_id = :id"
+        " ORDER BY started_at NULLS LAST, is_compensation, step_index, attempt"
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(sql), {"id": run_id})).all()
+    return [dict(r._mapping) for r in rows]
+
+
+async def status_is(engine: AsyncEngine, run_id: uuid.UUID, *statuses: str) -> bool:
+    return (await run_row(engine, run_id))["status"] in statuses
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start
 
 
 async def test_create_workflow_stores_the_checked_definition_and_the_first_occurrence(engine: AsyncEngine) -> None:

@@ -9,12 +9,14 @@ in tests/ops/test_dashboards.py and by the alert rules' validator.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -22,8 +24,12 @@ from litestar.params import FromPath
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from service.app import create_app
+from service.domain.auth.tokens import AuthUser
+from service.domain.realtime import publish_via_redis
 from service.embedded import EmbeddedRedis
 from telemetry.catalogue import CATALOGUE, MetricSpec
 from telemetry.metrics import Metrics
@@ -52,6 +58,13 @@ EMITTED_BY_WORKER: frozenset[str] = frozenset(
         "pattern_analysis_runs_total",
         "pattern_analysis_duration_seconds",
         "pattern_suggestions_created_total",
+        # Workflows (tests/faults/test_workflow_faults.py scrapes a `vigil worker` for these)
+        "workflow_runs_total",
+        "workflow_runs_active",
+        "workflow_runs_stuck",
+        "workflow_step_duration_seconds",
+        "workflow_run_pickup_latency_seconds",
+        "worker_queue_depth",
     }
 )
 
@@ -158,6 +171,26 @@ async def _drive_uploads(client: httpx.AsyncClient, app: Any) -> None:
     assert refused.status_code == 400, refused.text
 
 
+async def _drive_realtime(url: str, app: Any) -> None:
+    """A WebSocket refused for a forged token, one that connects, receives an event and leaves."""
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    async with connect(ws_url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": "forged"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    user = uuid.uuid4()
+    token = app.state.vigil.extensions["auth"].issue(AuthUser(user)).token
+    async with connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+        redis = aioredis.Redis.from_url(app.state.vigil.settings.redis_url)
+        try:
+            assert await publish_via_redis(redis, user, "event", {"n": 1}) is not None
+        finally:
+            await redis.aclose()
+        assert json.loads(await ws.recv())["kind"] == "event"
+
+
 async def test_every_catalogue_metric_is_emitted_by_the_running_api(
     migrated_url: str, make_redis: Callable[[], EmbeddedRedis], requested_names: dict[int, set[str]]
 ) -> None:
@@ -173,6 +206,7 @@ async def test_every_catalogue_metric_is_emitted_by_the_running_api(
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             await _drive_scenario(client)
             await _drive_uploads(client, app)
+            await _drive_realtime(url, app)
             metrics_text = (await client.get("/metrics")).text
 
     catalogue = {m.name for m in CATALOGUE}

@@ -45,6 +45,7 @@ __all__ = [
     "Step",
     "WorkflowDefinition",
     "definition_to_json",
+    "following",
     "next_run_after",
     "parse_definition",
     "validate_schedule",
@@ -115,7 +116,8 @@ class DelayStep(_StepBase, frozen=True, kw_only=True, tag="delay"):
 class EmitEventStep(_StepBase, frozen=True, kw_only=True, tag="emit_event"):
     """Record an event for the workflow's owner (idempotent per run and step)."""
 
-    event_type: Annotated[str, Meta(min_length=1, max_length=128)]
+    event_type: Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")]
+    """As the events API accepts it, e.g. ``report.ready``."""
     payload: dict[str, Any] = {}
 
 
@@ -217,3 +219,15 @@ def next_run_after(cron: str | None, interval_seconds: int | None, after: dateti
     if interval_seconds is not None:
         return base + timedelta(seconds=interval_seconds)
     return None
+
+
+def following(cron: str | None, interval_seconds: int | None, previous: datetime, now: datetime) -> datetime | None:
+    """The occurrence after ``previous`` that is still in the future at ``now``: occurrences
+    missed while no scheduler ran are skipped (the one due fired; the rest coalesce into it).
+    Intervals keep their phase (``previous + k * interval``)."""
+    if interval_seconds is not None:
+        step = timedelta(seconds=interval_seconds)
+        missed = max(0, int((now - previous) / step))
+        nxt = previous + step * (missed + 1)
+        return nxt if nxt > now else nxt + step
+    return next_run_after(cron, None, max(previous, now))
