@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar import post
+from litestar.datastructures import State
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -258,3 +260,34 @@ async def test_another_users_upload_is_404(migrated_url: str, redis_server: Embe
             assert (await c.get("/api/uploads", headers=bearer(app, b))).json()["items"] == []
             mine = await c.get(f"/api/uploads/{uid}/content", headers=bearer(app, a))
             assert mine.content == b"mine"
+
+
+@post("/probe/uploads/sweep")
+async def sweep_now(state: State) -> dict[str, int]:
+    """Run the sweeper once on the application's own loop, with no grace period."""
+    return {"removed": await state.vigil.extensions["uploads"].sweep(older_than_seconds=0)}
+
+
+async def test_sweeper_removes_orphans_and_keeps_stored_files(
+    migrated_url: str, redis_server: EmbeddedRedis, upload_dir: Path
+) -> None:
+    """The orphan sweeper removes a stored-looking file that has no row (a crash between the
+    move and the commit) and a leftover ``.part`` file, and keeps every file that has a row."""
+    settings = settings_for(
+        migrated_url, redis_server.url(), upload_dir=str(upload_dir), upload_min_free_bytes=1_048_576,
+        upload_min_free_percent=0.0, upload_sweep_interval_seconds=0,
+    )  # fmt: skip
+    app = create_app(settings, [sweep_now])
+    uid = await new_user(migrated_url)
+    with running_server(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers=bearer(app, uid)) as c:
+            r = await c.post("/api/uploads", content=multipart(b"keep.txt", "text/plain", b"keep me"), headers=CT)
+            assert r.status_code == 201, r.text
+            kept = files_under(upload_dir)
+            orphan = upload_dir / "ab" / "cd" / ("abcd" + "0" * 28)
+            orphan.parent.mkdir(parents=True, exist_ok=True)
+            orphan.write_bytes(b"no row")
+            part = upload_dir / "tmp" / f"{uuid.uuid4().hex}.part"
+            part.write_bytes(b"half")
+            assert (await c.post("/probe/uploads/sweep")).json() == {"removed": 2}
+            assert files_under(upload_dir) == kept
