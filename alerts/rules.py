@@ -145,6 +145,18 @@ GUARDRAILS: tuple[Alert, ...] = (
         "vigil-guardrails",
         labels={"dependency": "redis"},
     ),
+    Alert(
+        "VigilRealtimeFanoutDegraded",
+        "warning",
+        'realtime_fanout_backend{backend="local"} == 1',
+        "5m",
+        "Real-time updates are delivered within one instance only.",
+        "{{ $labels.instance }} ({{ $labels.job }}) has fanned WebSocket messages out locally for"
+        " 5 minutes because Redis is unreachable: clients connected to another instance miss this"
+        " one's messages and resume from a history that lacks them.",
+        "vigil-guardrails",
+        labels={"dependency": "redis"},
+    ),
     # --- Durable work: dead-letter queues, outbox, schema ---------------------------------------
     Alert(
         "VigilDeadLetterQueueBacklog",
@@ -209,6 +221,23 @@ GUARDRAILS: tuple[Alert, ...] = (
         " renewing the lease and the reaper has not recovered them.",
         "vigil-workflows",
         awaits=("workflow_runs_stuck",),
+    ),
+    # --- Pattern analysis (service/domain/patterns) -----------------------------------------------
+    # Most analyses ending dead-lettered for 15 minutes: not a blip (one failure is replayed
+    # automatically) but a cause the replayer cannot outlive. No runs at all gives no ratio.
+    Alert(
+        "VigilPatternAnalysisFailing",
+        "warning",
+        """
+sum by (job) (rate(pattern_analysis_runs_total{outcome="dead_lettered"}[15m]))
+/ sum by (job) (rate(pattern_analysis_runs_total[15m]))
+> 0.5
+""",
+        "15m",
+        "Most pattern analyses fail and are dead-lettered: patterns and suggestions are going stale.",
+        "{{ $value | humanizePercentage }} of pattern analyses on {{ $labels.job }} ended dead-lettered"
+        " over the last 15 minutes; users' patterns and suggestions are not updated.",
+        "vigil-workflows",
     ),
     # --- Uploads (service/domain/uploads) ---------------------------------------------------------
     # Both sides come from the same instance (same labels), so the threshold each instance

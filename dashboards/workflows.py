@@ -27,6 +27,42 @@ PENDING_PANELS = (
 )
 
 
+def _patterns(board: Board) -> None:
+    """Pattern analysis (service/domain/patterns): requests, runs, duration, suggestions."""
+    board.row("Pattern analysis (domain/patterns)").add(
+        timeseries_panel(
+            "Pattern analyses by outcome",
+            "Analyses per second: succeeded, dead_lettered (failed after retries, replayed later from"
+            " the patterns DLQ); and requests: enqueued, deduplicated (debounced), failed (queue down).",
+            query(f"sum by (outcome) (rate({sel('pattern_analysis_runs_total')}[{RATE}]))", "run {{outcome}}"),
+            query(
+                f"sum by (outcome) (rate({sel('pattern_analysis_enqueues_total')}[{RATE}]))", "request {{outcome}}"
+            ),
+            unit="ops",
+            w=8,
+        ),
+        timeseries_panel(
+            "Pattern analysis duration p99",
+            "99th percentile of one user's analysis, retries included (bounded by the look-back window).",
+            query(
+                "histogram_quantile(0.99, sum by (le) "
+                f"(rate({sel('pattern_analysis_duration_seconds_bucket')}[{RATE}])))",
+                "p99",
+            ),
+            unit="s",
+            w=8,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Suggestions created",
+            "Workflow suggestions created from strong patterns per second, by pattern kind.",
+            query(f"sum by (kind) (rate({sel('pattern_suggestions_created_total')}[{RATE}]))", "{{kind}}"),
+            unit="ops",
+            w=8,
+        ),
+    )
+
+
 def build() -> dashboard.Dashboard:
     board = Board(
         UID,
@@ -98,4 +134,5 @@ def build() -> dashboard.Dashboard:
             + ".",
         )
     )
+    _patterns(board)
     return board.build()
