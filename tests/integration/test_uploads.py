@@ -139,7 +139,8 @@ async def test_file_over_the_size_limit_is_413_naming_file(
     migrated_url: str, redis_server: EmbeddedRedis, upload_dir: Path
 ) -> None:
     """A file one byte over ``upload_max_bytes`` is refused with 413 problem+json naming
-    ``file`` (reason ``too_large``), counted, and nothing stays on disk; one at the limit is stored."""
+    ``file`` (reason ``too_large``), counted, and nothing stays on disk; so is a body announced
+    larger than the route's limit; one at the limit is stored."""
     limit = 65_536
     app = make_app(migrated_url, redis_server, upload_dir, upload_max_bytes=limit)
     uid = await new_user(migrated_url)
@@ -150,10 +151,13 @@ async def test_file_over_the_size_limit_is_413_naming_file(
             body = assert_problem(r, 413, "file", "too_large")
             assert body["max_bytes"] == limit
             assert files_under(upload_dir) == []
+            # Announced larger than the route's body limit: refused from Content-Length, unread.
+            huge = multipart(b"huge.txt", "text/plain", b"a" * (4 * limit))
+            assert_problem(await c.post("/api/uploads", content=huge, headers=CT), 413, "file", "too_large")
             ok = await c.post("/api/uploads", content=multipart(b"fits.txt", "text/plain", b"a" * limit), headers=CT)
             assert ok.status_code == 201, ok.text
             metrics = (await c.get("/metrics")).text
-    assert value(metrics, "upload_rejections_total", reason="too_large") == 1
+    assert value(metrics, "upload_rejections_total", reason="too_large") == 2
 
 
 async def test_quota_holds_against_two_concurrent_uploads(
