@@ -210,13 +210,19 @@ async def row_of(engine: AsyncEngine, integration_id: uuid.UUID) -> Integration:
         return row
 
 
-@pytest.fixture
-async def caller(engine: AsyncEngine, migrated_url: str, redis_server: EmbeddedRedis) -> AsyncIterator[Any]:
+def make_caller(db_url: str, engine: AsyncEngine, **overrides: Any) -> IntegrationCaller:
     """A caller as the worker builds it, with its own metrics registry (``caller.metrics``)."""
-    settings = integration_settings(migrated_url, redis_server.url())
+    settings = integration_settings(db_url, "redis://unused", **overrides)
     metrics = Metrics()
-    made = integration_caller(settings, async_sessionmaker(engine), BreakerRegistry(None), metrics)  # type: ignore[arg-type]  # the registry's Redis is only used by overrides
+    # The registry's Redis only carries operator overrides, which these callers never read.
+    made = integration_caller(settings, async_sessionmaker(engine), BreakerRegistry(None), metrics)  # type: ignore[arg-type]
     made.metrics = metrics  # type: ignore[attr-defined]
+    return made
+
+
+@pytest.fixture
+async def caller(engine: AsyncEngine, migrated_url: str) -> AsyncIterator[Any]:
+    made = make_caller(migrated_url, engine)
     yield made
     await made.aclose()
 
