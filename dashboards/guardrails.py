@@ -285,6 +285,34 @@ def _queues(board: Board) -> None:
     )
 
 
+def _events(board: Board) -> None:
+    depth = sel("dlq_depth", 'queue="events"')
+    board.row("Events (domain/events): ingestion, chunks, dead-letter backpressure").add(
+        timeseries_panel(
+            "Events ingested by outcome",
+            "Events per second by path (single, batch) and outcome: stored, duplicate, rejected (invalid),"
+            " deferred (to the events dead-letter queue), failed (not accepted: database and queue both down).",
+            query(f"sum by (path, outcome) ({_rate('events_ingested_total')})", "{{path}} {{outcome}}"),
+            unit="cps",
+            w=12,
+        ),
+        timeseries_panel(
+            "Event listener errors",
+            "Listener calls (pattern analysis, real-time fan-out) that raised; the events stay stored.",
+            query(f"sum({_rate('events_listener_errors_total')})", "errors"),
+            unit="cps",
+            w=6,
+        ),
+        timeseries_panel(
+            "Events backlog vs backpressure",
+            "Depth of the events dead-letter queue; above VIGIL_EVENTS_BACKPRESSURE_DEPTH new writes get 503.",
+            query(f"max({depth})", "events DLQ depth"),
+            w=6,
+            min_val=0,
+        ),
+    )
+
+
 def _outbox_and_audit(board: Board) -> None:
     board.row("E-mail outbox and audit log").add(
         timeseries_panel(
@@ -344,6 +372,43 @@ def _uploads(board: Board) -> None:
     )
 
 
+def _realtime(board: Board) -> None:
+    local = sel("realtime_fanout_backend", 'backend="local"')
+    board.row("Realtime (domain/realtime): WebSocket fan-out").add(
+        state_timeline(
+            "Fan-out backend",
+            "redis: messages cross instances; local: Redis unreachable, each instance delivers only"
+            " its own messages (VigilRealtimeFanoutDegraded after 5 minutes).",
+            query(f"max by (instance) ({local})", "{{instance}}"),
+            ((0, "redis", "green"), (1, "local only", "orange")),
+            w=6,
+        ),
+        timeseries_panel(
+            "WebSocket connections",
+            "Open authenticated connections per instance.",
+            query(f"sum by (instance) ({sel('realtime_connections')})", "{{instance}}"),
+            w=6,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "WebSocket messages",
+            "Messages per second by direction (out to clients, in from them) and kind.",
+            query(f"sum by (direction, kind) ({_rate('realtime_messages_total')})", "{{direction}} {{kind}}"),
+            unit="cps",
+            w=6,
+        ),
+        timeseries_panel(
+            "Closed and refused connections",
+            "Slow consumers closed with 1013 (their buffer filled; they resume from history) and"
+            " connections refused by reason (unauthenticated, auth_timeout, bad_message, limit).",
+            query(f"sum by (reason) ({_rate('realtime_messages_dropped_total')})", "dropped {{reason}}"),
+            query(f"sum by (reason) ({_rate('realtime_connections_rejected_total')})", "refused {{reason}}"),
+            unit="cps",
+            w=6,
+        ),
+    )
+
+
 def build() -> dashboard.Dashboard:
     board = Board(
         UID,
@@ -351,6 +416,17 @@ def build() -> dashboard.Dashboard:
         ["guardrails"],
         "Every guardrail of docs/guardrails.md: what it is doing now and when it acted.",
     )
-    for row in (_database, _breakers, _limiter, _cache, _dependencies, _queues, _outbox_and_audit, _uploads):
+    for row in (
+        _database,
+        _breakers,
+        _limiter,
+        _cache,
+        _dependencies,
+        _queues,
+        _events,
+        _outbox_and_audit,
+        _uploads,
+        _realtime,
+    ):
         row(board)
     return board.build()
