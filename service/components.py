@@ -20,4 +20,5 @@ COMPONENTS: tuple[str, ...] = (
     "service.domain.uploads.component:UploadsComponent",
     "service.domain.patterns.component:PatternsComponent",
     "service.domain.integrations.component:IntegrationsComponent",
+    "service.domain.workflows.component:WorkflowsComponent",
 )
