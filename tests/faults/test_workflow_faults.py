@@ -11,15 +11,17 @@ import itertools
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.embedded import free_port
+from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from service.worker.app import WorkerRuntime
 from tests.integration.test_worker import (
     _env,
@@ -35,7 +37,10 @@ from tests.integration.test_workflows import (
     Remote,
     add_integration,
     add_workflow,
+    api_app,
+    bearer,
     new_user,
+    new_user_at,
     run_row,
     start_run,
     status_is,
@@ -356,3 +361,42 @@ async def test_two_workers_fire_each_schedule_occurrence_exactly_once(env: Env, 
     assert all(row.runs == 1 and row.status == "succeeded" for row in per_occurrence), per_occurrence
     assert all(row.scheduled_for is not None for row in per_occurrence)
     assert attempts == len(per_occurrence) and events == len(per_occurrence)
+
+
+# --- the API while PostgreSQL is down --------------------------------------------------------
+
+
+async def test_workflow_reads_are_served_stale_while_postgres_is_down(
+    own_pg: EmbeddedPostgres, make_redis: Callable[[], EmbeddedRedis]
+) -> None:
+    """With the test's PostgreSQL killed, the workflow list and a workflow keep answering 200
+    from the cache marked `Vigil-Degraded: stale`; creating or executing answers 503 with
+    Retry-After (never a 500); after recovery reads are fresh again and writes work."""
+    app = api_app(own_pg.url(), make_redis().url(), cache_ttl_seconds=0.2, db_connect_timeout_seconds=1.0)
+    user_id = await new_user_at(own_pg.url())
+    auth = bearer(app, user_id)
+    body = {"name": "w", "definition": {"steps": [{"name": "s", "kind": "delay", "seconds": 0}]}}
+    with running_server(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=15, headers=auth) as client:
+            wf = (await client.post("/api/workflows", json=body)).json()
+            listed = await client.get("/api/workflows")
+            one = await client.get(f"/api/workflows/{wf['id']}")
+            assert "vigil-degraded" not in listed.headers and "vigil-degraded" not in one.headers
+            own_pg.kill()
+            await asyncio.sleep(0.3)  # past freshness: the next reads reach for PostgreSQL
+            stale_list = await client.get("/api/workflows")
+            stale_one = await client.get(f"/api/workflows/{wf['id']}")
+            assert stale_list.status_code == 200 and stale_list.headers["vigil-degraded"] == "stale"
+            assert stale_list.json() == listed.json()
+            assert stale_one.status_code == 200 and stale_one.headers["vigil-degraded"] == "stale"
+            for write in (client.post("/api/workflows", json=body), client.post(f"/api/workflows/{wf['id']}/execute")):
+                r = await write
+                assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+            await asyncio.to_thread(own_pg.start)
+
+            async def fresh_again() -> bool:
+                r = await client.get("/api/workflows")
+                return r.status_code == 200 and "vigil-degraded" not in r.headers
+
+            await eventually(fresh_again, timeout=20, interval=0.3)
+            assert (await client.post("/api/workflows", json=body)).status_code == 201

@@ -57,6 +57,15 @@ async def engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
     await eng.dispose()
 
 
+async def new_user_at(url: str) -> uuid.UUID:
+    """:func:`new_user` in the database at ``url``."""
+    engine = create_async_engine(url)
+    try:
+        return await new_user(engine)
+    finally:
+        await engine.dispose()
+
+
 async def new_user(engine: AsyncEngine) -> uuid.UUID:
     """A user row (no password anyone knows): enough for rows that belong to a user."""
     user_id = uuid.uuid4()

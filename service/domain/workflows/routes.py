@@ -45,6 +45,8 @@ VERSION_TTL_SECONDS = 86_400.0
 RUNS_TTL_SECONDS = 1.0
 """Run status changes under the client's eyes: cached only to serve stale during an outage."""
 _GUARDS: list[Guard] = [requires_user]
+Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="Page size, at most 200.")]
+Offset = Annotated[int, Parameter(ge=0, le=100_000, description="Items to skip (newest first).")]
 
 
 class WorkflowIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -211,8 +213,8 @@ async def create_workflow_route(
 async def list_workflows(
     request: Request[Any, Any, State],
     state: State,
-    limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="Page size, at most 200.")] = 50,
-    offset: Annotated[int, Parameter(ge=0, le=100_000)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> WorkflowList:
     """The caller's workflows, newest first."""
     user = _user_id(request)
@@ -321,8 +323,8 @@ async def list_runs(
     request: Request[Any, Any, State],
     state: State,
     workflow_id: FromPath[uuid.UUID],
-    limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="Page size, at most 200.")] = 50,
-    offset: Annotated[int, Parameter(ge=0, le=100_000)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> RunList:
     """Runs of one of the caller's workflows, newest first."""
     user = _user_id(request)
