@@ -211,16 +211,25 @@ GUARDRAILS: tuple[Alert, ...] = (
         "vigil-workflows",
     ),
     # --- Workflows --------------------------------------------------------------------------------
+    # A lost run is normal (a worker killed mid-run) and heals itself: the reaper marks it stuck
+    # on its first tick after the lease expired and requeues it on the next, so the gauge is
+    # above 0 for two ticks (10 s by default, under 2 minutes at the longest tick), however long
+    # the lease. 5 minutes of stuck runs without a break is no longer a lost worker: the reaper
+    # is not running (cron not firing, its job failing) or runs are lost as fast as they are
+    # recovered (a worker crash-looping on one run). 15 minutes would leave runs frozen for a
+    # quarter of an hour before anyone knows. A ticket, not a page: nothing is lost (the runs
+    # wait in PostgreSQL) and the SLO pages if runs end failed; Redis or PostgreSQL down, which
+    # also stop the reaper, page on their own.
     Alert(
         "VigilWorkflowRunsStuck",
         "warning",
         "max by (job) (workflow_runs_stuck) > 0",
-        "15m",
-        "Workflow runs have been stuck past their lease for 15 minutes.",
-        "{{ $value }} workflow run(s) are stuck ({{ $labels.job }}): their worker stopped"
-        " renewing the lease and the reaper has not recovered them.",
+        "5m",
+        "Workflow runs have stayed stuck past their lease for 5 minutes.",
+        "{{ $value }} workflow run(s) have been stuck for 5 minutes ({{ $labels.job }}): their"
+        " lease expired and the reaper, which recovers a stuck run within two ticks, has not"
+        " recovered them, or runs are lost again as fast as it does.",
         "vigil-workflows",
-        awaits=("workflow_runs_stuck",),
     ),
     # --- Pattern analysis (service/domain/patterns) -----------------------------------------------
     # Most analyses ending dead-lettered for 15 minutes: not a blip (one failure is replayed
@@ -237,6 +246,24 @@ sum by (job) (rate(pattern_analysis_runs_total{outcome="dead_lettered"}[15m]))
         "Most pattern analyses fail and are dead-lettered: patterns and suggestions are going stale.",
         "{{ $value | humanizePercentage }} of pattern analyses on {{ $labels.job }} ended dead-lettered"
         " over the last 15 minutes; users' patterns and suggestions are not updated.",
+        "vigil-workflows",
+    ),
+    # --- Integrations (service/domain/integrations) ---------------------------------------------
+    # A quarter of OAuth refreshes failing or refused for 15 minutes: one user revoking a grant is
+    # their business (the integration turns needs_reauth and stops asking), a token endpoint down
+    # or rejecting Vigil's client for everyone is the on-call's. No refreshes at all gives no ratio.
+    Alert(
+        "VigilIntegrationTokenRefreshFailing",
+        "warning",
+        """
+sum by (job, connector) (rate(integration_token_refreshes_total{outcome=~"failed|refused"}[30m]))
+/ sum by (job, connector) (rate(integration_token_refreshes_total[30m]))
+> 0.25
+""",
+        "15m",
+        "OAuth token refreshes of integrations are failing: workflow steps calling them fail.",
+        "{{ $value | humanizePercentage }} of {{ $labels.connector }} token refreshes on {{ $labels.job }}"
+        " failed or were refused over the last 30 minutes; calls through those integrations fail.",
         "vigil-workflows",
     ),
     # --- Uploads (service/domain/uploads) ---------------------------------------------------------

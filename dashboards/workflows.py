@@ -22,8 +22,6 @@ PENDING_PANELS = (
     "Step durations",
     "Queue depth",
     "Job pickup latency",
-    "Integration calls",
-    "Token refreshes",
 )
 
 
@@ -59,6 +57,55 @@ def _patterns(board: Board) -> None:
             query(f"sum by (kind) (rate({sel('pattern_suggestions_created_total')}[{RATE}]))", "{{kind}}"),
             unit="ops",
             w=8,
+        ),
+    )
+
+
+def _integrations(board: Board) -> None:
+    """Integrations (service/domain/integrations): outbound calls, token refreshes, credentials."""
+    board.row("Integrations (domain/integrations)").add(
+        timeseries_panel(
+            "Integration calls by outcome",
+            "Outbound calls per second by connector kind and outcome: success, client_error, unauthorized,"
+            " server_error, timeout, transport_error, rejected (that integration's breaker open), needs_reauth.",
+            query(
+                f"sum by (connector, outcome) (rate({sel('integration_calls_total')}[{RATE}]))",
+                "{{connector}} {{outcome}}",
+            ),
+            unit="ops",
+            w=8,
+        ),
+        timeseries_panel(
+            "Integration call duration p95",
+            "95th percentile of outbound requests that got an answer, by connector kind.",
+            query(
+                "histogram_quantile(0.95, sum by (le, connector) "
+                f"(rate({sel('integration_call_duration_seconds_bucket')}[{RATE}])))",
+                "{{connector}} p95",
+            ),
+            unit="s",
+            w=8,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Token refreshes by outcome",
+            "OAuth refreshes per second: success, failed (token endpoint down or erroring), refused"
+            " (refresh token rejected: the integration needs its user to reconnect it).",
+            query(
+                f"sum by (outcome) (rate({sel('integration_token_refreshes_total')}[{RATE}]))",
+                "{{outcome}}",
+            ),
+            unit="ops",
+            w=8,
+        ),
+        timeseries_panel(
+            "Credentials expiring or needing re-authorisation",
+            "Active integrations whose credentials expire soon without renewal, and integrations whose"
+            " refresh token was refused (calls fail until reconnected), by connector.",
+            query(f"max by (connector) ({sel('integration_credentials_expiring')})", "expiring {{connector}}"),
+            query(f"max by (connector) ({sel('integration_needs_reauth')})", "needs reauth {{connector}}"),
+            w=24,
+            min_val=0,
         ),
     )
 
@@ -135,4 +182,5 @@ def build() -> dashboard.Dashboard:
         )
     )
     _patterns(board)
+    _integrations(board)
     return board.build()

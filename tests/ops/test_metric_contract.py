@@ -65,6 +65,13 @@ EMITTED_BY_WORKER: frozenset[str] = frozenset(
         "workflow_step_duration_seconds",
         "workflow_run_pickup_latency_seconds",
         "worker_queue_depth",
+        # Integrations (tests/integration/test_integrations.py::
+        # test_worker_refreshes_expiring_tokens_and_serves_integration_metrics scrapes a real worker)
+        "integration_calls_total",
+        "integration_call_duration_seconds",
+        "integration_token_refreshes_total",
+        "integration_credentials_expiring",
+        "integration_needs_reauth",
     }
 )
 
