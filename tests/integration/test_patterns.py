@@ -16,6 +16,7 @@ from litestar import post
 from litestar.datastructures import State
 from litestar.params import FromPath
 from litestar.testing import AsyncTestClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -302,3 +303,43 @@ async def test_failing_analysis_is_dead_lettered_and_replayed(
         body = await scrape(port)
     assert value(body, "dlq_depth", queue="patterns") == 0
     assert value(body, "pattern_analysis_runs_total", outcome="succeeded") == 1
+
+
+async def test_events_ingested_through_the_api_trigger_one_analysis(
+    db: AsyncEngine,  # noqa: F811  # the imported fixtures
+    outbox_db: str,  # noqa: F811
+    redis_url: str,  # noqa: F811
+    spans: InMemorySpanExporter,
+) -> None:
+    """The constructed events sent as three ``POST /api/events/batch`` requests in a row: the
+    events component hands each stored chunk to the patterns listener, the burst makes one
+    debounced analysis (1 enqueued, 2 deduplicated), traced as a ``patterns.analyse`` span under
+    the job's CONSUMER span, and ``GET /api/patterns`` then answers the expected patterns with
+    their exact support and confidence."""
+    alice = await add_user(db)
+    items = [
+        {"idempotency_key": f"k{i}", "type": t, "occurred_at": when.isoformat()}
+        for i, (t, when) in enumerate(dataset())
+    ]
+    port = free_port()
+    async with stack(patterns_settings(outbox_db, redis_url), port) as (app, client, _):
+        auth = bearer(app, alice)
+        for start in range(0, len(items), 15):
+            r = await client.post("/api/events/batch", json=items[start : start + 15], headers=auth)
+            assert r.status_code in (200, 201, 207), r.text
+
+        async def enqueues(outcome: str) -> float:
+            text_ = (await client.get("/metrics")).text
+            return value(text_, "pattern_analysis_enqueues_total", outcome=outcome) or 0
+
+        await eventually(lambda: _equals(runs(port), 1), timeout=15)
+        assert (await enqueues("enqueued"), await enqueues("deduplicated")) == (1, len(range(0, len(items), 15)) - 1)
+        r = await client.get("/api/patterns", headers=auth)
+        found = {(p["kind"], p["signature"]): (p["support"], p["confidence"]) for p in r.json()["items"]}
+        assert found == EXPECTED
+    finished = spans.get_finished_spans()
+    [consumer] = [s for s in finished if s.name == "process analyse_user_patterns"]
+    [analysis] = [s for s in finished if s.name == "patterns.analyse"]
+    assert analysis.parent is not None and analysis.parent.span_id == consumer.context.span_id
+    assert analysis.attributes is not None and analysis.attributes["vigil.patterns.found"] == 4
+    assert analysis.attributes["vigil.patterns.suggestions_created"] == 4
