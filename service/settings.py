@@ -287,8 +287,8 @@ class Settings:
     """How long a new WebSocket may take to send its ``auth`` message before it is closed (4408)."""
 
     realtime_ping_interval_seconds: float = 20.0
-    """Idle time after which the server sends ``{"type": "ping"}``; a client silent for two
-    intervals more is closed (4000) and its subscription released."""
+    """How often the server sends ``{"type": "ping"}``; a client that has sent nothing for three
+    intervals is closed (4000) and its subscription released."""
 
     realtime_reconnect_interval_seconds: float = 1.0
     """While Redis is down, how often fan-out tries to return to it."""

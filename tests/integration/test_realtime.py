@@ -327,6 +327,28 @@ async def test_disconnects_leave_no_connection_subscription_or_task(served: tupl
     assert await _gauge_is(base, "realtime_connections", 0)
 
 
+async def test_connections_beyond_the_per_user_limit_are_refused(
+    migrated_url: str, redis_server: EmbeddedRedis
+) -> None:
+    """With ``realtime_max_connections_per_user=2`` a third socket of the same user is closed with
+    4429 and counted; another user is unaffected, and a slot freed by a close can be reused."""
+    app = realtime_app(migrated_url, redis_server.url(), realtime_max_connections_per_user=2)
+    user = uuid.uuid4()
+    with running_server(app) as base:
+        first, _ = await open_socket(base, app, user)
+        second, _ = await open_socket(base, app, user)
+        async with connect(ws_url(base)) as third:
+            await third.send(json.dumps({"type": "auth", "token": token_for(app, user)}))
+            assert await close_code(third) == CLOSE_CODES["limit"] == 4429
+        other, _ = await open_socket(base, app, uuid.uuid4())
+        await first.close()
+        await eventually(lambda: _gauge_is(base, "realtime_connections", 2))
+        again, _ = await open_socket(base, app, user)
+        assert value(await scrape(base), "realtime_connections_rejected_total", reason="limit") == 1
+        for ws in (second, other, again):
+            await ws.close()
+
+
 async def test_a_silent_client_is_closed_after_missed_pings(migrated_url: str, redis_server: EmbeddedRedis) -> None:
     """The server pings every ``realtime_ping_interval_seconds``; a client that never answers
     is closed with 4000 within a few intervals, one that answers with pong stays open."""
