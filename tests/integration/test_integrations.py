@@ -523,13 +523,15 @@ async def test_plaintext_never_reaches_logs_spans_or_responses(
         assert (await made.call(user_id=user, integration="k", method="GET", path="/a")).status == 200
         assert (await made.call(user_id=user, integration="o", method="GET", path="/b")).status == 200
         assert (await made.call(user_id=user, integration="o", method="GET", path="/always401")).status == 401
+        issued = set(remote.tokens)
         remote.token_mode = "refuse"
         remote.tokens.clear()
         with pytest.raises(IntegrationNeedsReauth):
             await made.call(user_id=user, integration="o", method="GET", path="/c")
     finally:
         await made.aclose()
-    secrets = {api_key, CLIENT_SECRET, refresh, remote.refresh_token, *(f"at-{n}" for n in range(1, 4))}
+    assert len(issued) == 2  # the first refresh, and the one after the 401
+    secrets = {api_key, CLIENT_SECRET, refresh, remote.refresh_token, *issued}
     captured = capfd.readouterr()
     logs = captured.out + captured.err
     assert "integration_needs_reauth" in logs  # the logs were captured
