@@ -15,12 +15,16 @@ job's key was still taken), a follow-up is enqueued on the other slot.
 ``DLQConfig.max_attempts`` the entry is parked for a human), an ``enqueue_failed`` one (the API
 could not reach the queue) is enqueued as a debounced job. While PostgreSQL or Redis is down the
 round stops without counting attempts, so an outage never parks entries.
+
+The job set also appends a listener to the worker's ``extensions["events.listeners"]``, so
+events the events dead-letter replayer stores ask for a debounced analysis too.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +160,19 @@ class PatternWorker:
         except Exception as exc:  # the user's next ingest asks again
             _log.warning("pattern_analysis_follow_up_failed", user_id=str(user_id), error=_short(exc))
 
+    async def on_events(self, user_id: uuid.UUID, events: Sequence[Any]) -> None:
+        """The worker's events listener: events the events DLQ replayer stored ask for an analysis."""
+        if not events:
+            return
+        try:
+            fresh = await enqueue_analysis(
+                self.resources.queue, user_id, self.resources.settings.patterns_debounce_seconds
+            )
+        except Exception as exc:  # the user's next ingest asks again
+            _log.warning("pattern_analysis_enqueue_failed", user_id=str(user_id), error=_short(exc))
+            return
+        self._enqueues["enqueued" if fresh else "deduplicated"].inc()
+
     async def replay(self, payload: dict[str, Any]) -> None:
         """The dead-letter handler: raises when the entry could not be handled."""
         user_id = uuid.UUID(payload["user_id"])
@@ -196,6 +213,7 @@ def pattern_jobs(settings: Settings, config: PatternJobsConfig | None = None) ->
     async def startup(resources: WorkerResources) -> None:
         worker = PatternWorker(resources, cfg)
         resources.extensions["patterns"] = worker
+        resources.extensions.setdefault("events.listeners", []).append(worker.on_events)
         await worker.dlq.refresh()
 
     return JobSet(
