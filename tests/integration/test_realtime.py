@@ -11,6 +11,7 @@ import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from litestar import Litestar, get, post
 from litestar.datastructures import State
 from litestar.params import JSONBody
+from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -27,6 +29,7 @@ from service.domain.auth.tokens import AuthUser
 from service.domain.realtime import CLOSE_CODES, publish_via_redis
 from service.domain.realtime.fanout import stream_key
 from service.embedded import EmbeddedRedis
+from tests.integration.test_events import add_user, bearer
 from tests.support import eventually, running_server, settings_for, value
 
 
@@ -367,3 +370,34 @@ async def test_a_silent_client_is_closed_after_missed_pings(migrated_url: str, r
         assert not answering.done()
         answering.cancel()
         await chatty.close()
+
+
+async def test_stored_events_reach_their_owner_through_the_events_listener(
+    migrated_url: str, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """``POST /api/events`` and a batch: once committed, each newly stored event is pushed to
+    the owner's socket as kind ``event`` with its stored fields (the listener the realtime
+    component registers in ``extensions["events.listeners"]``); a duplicate is not pushed again."""
+    app = realtime_app(migrated_url, redis_server.url(), dlq_spool_dir=tmp_path / "spool")
+    engine = create_async_engine(migrated_url)
+    try:
+        user = await add_user(engine)
+    finally:
+        await engine.dispose()
+    with running_server(app) as base:
+        ws, _ = await open_socket(base, app, user)
+        async with httpx.AsyncClient(base_url=base, headers=bearer(app, user)) as http:
+            one = {"idempotency_key": "rt-1", "type": "invoice.paid", "payload": {"amount": 3}}
+            assert (await http.post("/api/events", json=one)).status_code == 201
+            pushed = await recv(ws)
+            assert pushed["kind"] == "event"
+            assert {k: pushed["data"][k] for k in ("idempotency_key", "type", "payload")} == {
+                "idempotency_key": "rt-1", "type": "invoice.paid", "payload": {"amount": 3},
+            }  # fmt: skip
+            assert (await http.post("/api/events", json=one)).status_code == 200  # duplicate
+            batch = [{"idempotency_key": f"rt-b{i}", "type": "thing.happened"} for i in range(3)]
+            r = await http.post("/api/events/batch", json=batch)
+            assert r.status_code < 300, r.text
+            keys = [(await recv(ws))["data"]["idempotency_key"] for _ in range(3)]
+            assert sorted(keys) == ["rt-b0", "rt-b1", "rt-b2"]
+        await ws.close()
