@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/breaker_overhead.py
 	$(BIN)/python bench/cache_stampede.py
 	$(BIN)/python bench/ratelimit_throughput.py
+	$(BIN)/python bench/events_ingest.py
 
 settings-docs: install
 	$(BIN)/vigil settings env-example > .env.example

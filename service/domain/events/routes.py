@@ -63,6 +63,7 @@ MAX_LIMIT = 200
 VERSION_TTL_SECONDS = 86_400.0
 _log = get_logger("vigil.events")
 _STATUS = {"stored": 201, "duplicate": 200, "deferred": 202}
+_list_decoder = msgspec.json.Decoder(list[EventIn])
 
 
 def _events(state: State) -> EventsComponent:
@@ -126,7 +127,14 @@ async def ingest_batch(request: Request[Any, Any, State], state: State) -> Respo
     valid: list[EventIn] = []
     where: list[int] = []
     rejected = 0
-    for i, raw in enumerate(raw_items):
+    if not check_nul:
+        # Fast path: the whole list in one call (about twice as fast as item by item); any
+        # invalid item sends us to the per-item path, which names each bad item.
+        try:
+            valid, where = _list_decoder.decode(body), list(range(len(raw_items)))
+        except msgspec.ValidationError:
+            valid = []
+    for i, raw in enumerate(raw_items if not where else ()):
         try:
             valid.append(decode_batch_item(raw, check_nul=check_nul))
             where.append(i)
