@@ -1,28 +1,96 @@
 """Workflows & worker: the background work of the one SAQ worker.
 
-Only metrics the catalogue has today are drawn. Workflow runs by status, stuck runs, step
-durations, queue depth, pickup latency, integration calls and token refreshes join when their
-metrics enter the catalogue (issue 6); until then a note on the dashboard says so.
+Workflow runs (by status, stuck, active, step durations, queue depth, pickup latency), e-mail
+delivery, dead-letter replay, pattern analysis and integration calls, each in a row of its own.
 """
 
 from __future__ import annotations
 
+from grafana_foundation_sdk.builders import prometheus
 from grafana_foundation_sdk.models import dashboard
 
-from dashboards.panels import RATE, Board, markdown, query, sel, state_timeline, timeseries_panel
+from dashboards.panels import RATE, Board, query, sel, state_timeline, timeseries_panel
 
-__all__ = ["PENDING_PANELS", "UID", "build"]
+__all__ = ["UID", "build"]
 
 UID = "vigil-workflows"
 
-#: Panels that wait for their metrics to enter telemetry/catalogue.py (issue 6).
-PENDING_PANELS = (
-    "Workflow runs by status",
-    "Stuck workflow runs",
-    "Step durations",
-    "Queue depth",
-    "Job pickup latency",
-)
+
+def _quantiles(metric: str, by: str = "") -> tuple[prometheus.Dataquery, ...]:
+    """p50 and p99 of a histogram, per ``by`` label when given."""
+    group, legend = ("le, " + by, f"{{{{{by}}}}} ") if by else ("le", "")
+    return tuple(
+        query(f"histogram_quantile({q}, sum by ({group}) (rate({sel(metric + '_bucket')}[{RATE}])))", f"{legend}p{p}")
+        for q, p in ((0.5, 50), (0.99, 99))
+    )
+
+
+def _workflow_runs(board: Board) -> None:
+    """Workflow runs (service/domain/workflows): outcomes, stuck and active runs, steps, queue."""
+    board.row("Workflow runs (domain/workflows)").add(
+        timeseries_panel(
+            "Runs finished by status",
+            "Runs reaching a status per second: succeeded; compensated (a step failed, its earlier steps"
+            " undone) and failed spend the workflow-run success SLO; stuck (a lease expired, the run is"
+            " retried) is not an end and shows how often workers are lost.",
+            query(f"sum by (status) (rate({sel('workflow_runs_total')}[{RATE}]))", "{{status}}"),
+            unit="ops",
+            w=8,
+        ),
+        timeseries_panel(
+            "Stuck runs",
+            "Runs whose lease expired and that the reaper has not recovered yet (every worker reports the"
+            " same count, from PostgreSQL). A working reaper clears them within two ticks; at or above"
+            " the dashed line for 5 minutes VigilWorkflowRunsStuck fires.",
+            query(f"max by (job) ({sel('workflow_runs_stuck')})", "stuck"),
+            w=8,
+            min_val=0,
+            threshold_line=((None, "green"), (1, "red")),
+        ),
+        timeseries_panel(
+            "Active runs",
+            "Runs waiting for a worker (queued) and executing or compensating (running), from PostgreSQL.",
+            query(f"max by (status) ({sel('workflow_runs_active')})", "{{status}}"),
+            w=8,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Step duration p50/p99 by kind",
+            "Duration of one attempt of a step or compensation (http, delay, emit_event, email), every"
+            " outcome included: a p99 at a step's timeout means calls time out.",
+            *_quantiles("workflow_step_duration_seconds", "kind"),
+            unit="s",
+            w=12,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Step attempts by outcome",
+            "Step and compensation attempts per second by kind and outcome: succeeded, failed, timeout,"
+            " lost (the worker lost its lease mid-step).",
+            query(
+                f"sum by (kind, outcome) (rate({sel('workflow_step_duration_seconds_count')}[{RATE}]))",
+                "{{kind}} {{outcome}}",
+            ),
+            unit="ops",
+            w=12,
+        ),
+        timeseries_panel(
+            "Queue depth",
+            "Jobs waiting in the worker's SAQ queue (runs, analyses, replays...): a steady climb means"
+            " the workers do not keep up.",
+            query(f"max by (queue) ({sel('worker_queue_depth')})", "{{queue}}"),
+            w=12,
+            min_val=0,
+        ),
+        timeseries_panel(
+            "Pickup latency p50/p99",
+            "Time from a run's queueing (or its scheduled time) to its first claim by a worker.",
+            *_quantiles("workflow_run_pickup_latency_seconds"),
+            unit="s",
+            w=12,
+            min_val=0,
+        ),
+    )
 
 
 def _patterns(board: Board) -> None:
@@ -173,14 +241,7 @@ def build() -> dashboard.Dashboard:
             min_val=0,
         ),
     )
-    board.row("Workflows").add(
-        markdown(
-            "Pending: workflow panels",
-            "Not drawn yet, because their metrics are not in `telemetry/catalogue.py` (issue 6): "
-            + ", ".join(p.lower() for p in PENDING_PANELS)
-            + ".",
-        )
-    )
+    _workflow_runs(board)
     _patterns(board)
     _integrations(board)
     return board.build()
