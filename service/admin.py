@@ -15,7 +15,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath, JSONBody
 from redis.exceptions import RedisError
 
-from service.clientip import TrustedProxies, client_ip
+from service.clientip import request_ip
 from service.guardrails.breaker_admin import OVERRIDE_STATES
 from service.problems import ServiceUnavailable
 
@@ -68,7 +68,7 @@ class AdminController(Controller):
             raise ServiceUnavailable("Redis is unreachable, so the override cannot reach every instance.") from exc
         audit = state.vigil.extensions.get("audit")
         if audit is not None:  # absent only in apps built without the audit component
-            ip = client_ip(request.scope, TrustedProxies(state.vigil.settings.trusted_proxies))
+            ip = request_ip(request.scope, state.vigil.settings.trusted_proxies)
             audit.record(
                 "admin.breaker_override",
                 actor_user_id=None,  # the admin API authenticates a token, not a user

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
-__all__ = ["TrustedProxies", "client_ip"]
+__all__ = ["TrustedProxies", "client_ip", "request_ip", "trusted_proxies"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,3 +54,14 @@ def client_ip(scope: Mapping[str, Any], trusted: TrustedProxies) -> str:
         return str(ipaddress.ip_address(candidate))
     except ValueError:  # garbage in the header: the last trustworthy hop answers for it
         return peer
+
+
+@lru_cache(maxsize=8)
+def trusted_proxies(networks: tuple[str, ...]) -> TrustedProxies:
+    """The parsed list for a ``trusted_proxies`` setting, parsed once per process."""
+    return TrustedProxies(networks)
+
+
+def request_ip(scope: Mapping[str, Any], networks: tuple[str, ...]) -> str:
+    """:func:`client_ip` with the ``trusted_proxies`` setting as it is (what audit records use)."""
+    return client_ip(scope, trusted_proxies(networks))

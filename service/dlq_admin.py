@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.admin import admin_token_guard
-from service.clientip import TrustedProxies, client_ip
+from service.clientip import request_ip
 from service.guardrails.dlq import DeadLetterQueue, Entry
 
 __all__ = ["REPLAYABLE", "DLQAdminController", "replay_all", "replay_handler", "run_cli"]
@@ -105,7 +105,7 @@ def _handler(state: State, name: str) -> Handler:
 def _audit(request: Request[Any, Any, Any], state: State, action: str, target: str, **details: Any) -> None:
     audit = state.vigil.extensions.get("audit")
     if audit is not None:
-        ip = client_ip(request.scope, TrustedProxies(state.vigil.settings.trusted_proxies))
+        ip = request_ip(request.scope, state.vigil.settings.trusted_proxies)
         audit.record(action, actor_user_id=None, target_type="dlq_entry", target_id=target, details=details, ip=ip)
 
 

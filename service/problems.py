@@ -55,14 +55,16 @@ def _field_errors(extra: Any) -> list[dict[str, Any]]:
     errors = []
     for item in extra if isinstance(extra, list) else []:
         if isinstance(item, dict):
-            errors.append(
-                {
-                    "field": item.get("key") or item.get("field"),
-                    "message": item.get("message"),
-                    "source": item.get("source"),
-                }
-            )
+            field = item.get("key") or item.get("field")
+            if field == "data" and item.get("source") == "body":
+                field = "body"  # Litestar names the handler's parameter; the client sent a body
+            errors.append({"field": field, "message": item.get("message"), "source": item.get("source")})
     return errors
+
+
+def _malformed_body(exc: HTTPException) -> bool:
+    """Litestar's answer to a body that is not JSON at all (no field of its own to name)."""
+    return exc.status_code == 400 and str(exc.detail).startswith("JSON is malformed")
 
 
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -72,6 +74,9 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
         fields = ", ".join(str(e["field"]) for e in errors if e["field"])
         detail = f"Invalid input: {fields}" if fields else exc.detail
         return problem(status, detail, exc.headers, errors=errors)
+    if _malformed_body(exc):
+        errors = [{"field": "body", "message": exc.detail, "source": "body"}]
+        return problem(status, f"Invalid input: body ({exc.detail})", exc.headers, errors=errors)
     extra = exc.extra if isinstance(exc.extra, dict) else {}
     detail = exc.detail if exc.detail != HTTPStatus(status).phrase else ""
     return problem(status, detail, exc.headers, **extra)

@@ -171,6 +171,10 @@ async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient)
     assert body["status"] == 400 and any(e["field"] == "size" for e in body["errors"])
     r = await client.post("/probe/things", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
+    assert [e["field"] for e in r.json()["errors"]] == ["body"]  # malformed JSON names the body
+    r = await client.post("/probe/things", json=[1, 2])
+    assert r.status_code == 400
+    assert [e["field"] for e in r.json()["errors"]] == ["body"]  # not Litestar's parameter name "data"
     r = await client.get("/nowhere")
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
     r = await client.post(

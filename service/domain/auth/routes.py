@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from functools import lru_cache
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -32,7 +31,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.params import FromQuery
 from opentelemetry import trace
 
-from service.clientip import TrustedProxies, client_ip
+from service.clientip import request_ip
 from service.domain.auth.middleware import TOLERATE_INVALID_TOKEN, requires_user
 from service.domain.auth.service import (
     AccountView,
@@ -167,16 +166,12 @@ def _count(request: AnyRequest, event: str) -> None:
     request.app.state.vigil.metrics.counter("auth_events_total").labels(event).inc()
 
 
-@lru_cache(maxsize=8)
-def _trusted(networks: tuple[str, ...]) -> TrustedProxies:
-    return TrustedProxies(networks)
-
 
 def _audit(request: AnyRequest, action: str, **kw: Any) -> None:
     """Record ``action`` in the audit log (off the request path, never raising); while no
     audit component is mounted, log it at warning level rather than drop it."""
     resources = request.app.state.vigil
-    ip = client_ip(request.scope, _trusted(resources.settings.trusted_proxies))
+    ip = request_ip(request.scope, resources.settings.trusted_proxies)
     audit = resources.extensions.get("audit")
     if audit is None:
         _log.warning("audit_unavailable", action=action, ip=ip, **{k: v for k, v in kw.items() if v is not None})

@@ -28,6 +28,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.clientip import request_ip
 from service.db.models import Integration
 from service.domain.auth.middleware import requires_user
 from service.domain.integrations.keyring import Keyring
@@ -102,10 +103,10 @@ def list_key(user_id: uuid.UUID) -> str:
 def _audit(state: State, request: Request[Any, Any, State], action: str, row: Integration) -> None:
     audit = state.vigil.extensions.get("audit")
     if audit is not None:
-        client = request.scope.get("client")
         audit.record(
             action, actor_user_id=row.user_id, target_type="integration", target_id=str(row.id),
-            details={"kind": row.kind, "name": row.name}, ip=client[0] if client else None,
+            details={"kind": row.kind, "name": row.name},
+            ip=request_ip(request.scope, state.vigil.settings.trusted_proxies),
         )  # fmt: skip
 
 

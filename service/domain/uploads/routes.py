@@ -25,7 +25,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, Parameter
 from litestar.response import File
 
-from service.clientip import TrustedProxies, client_ip
+from service.clientip import request_ip
 from service.domain.auth.middleware import requires_user
 from service.domain.auth.tokens import AuthUser
 from service.domain.uploads.service import UploadOut, UploadPage, Uploads, upload_out
@@ -50,7 +50,7 @@ def _audit(request: AnyRequest, action: str, upload: UploadOut) -> None:
     if audit is None:
         _log.warning("audit_unavailable", action=action, upload_id=str(upload.id))
         return
-    ip = client_ip(request.scope, TrustedProxies(resources.settings.trusted_proxies))
+    ip = request_ip(request.scope, resources.settings.trusted_proxies)
     audit.record(
         action, actor_user_id=request.user.id, target_type="upload", target_id=str(upload.id), details=details, ip=ip
     )
