@@ -1,7 +1,8 @@
 """Operating the dead-letter queues: replay handlers by queue name, and the admin API.
 
 ``replay_handler(queue, sessionmaker)`` is what re-writes one entry of a queue (``events``:
-the idempotent event insert; ``audit``: the idempotent audit insert); the admin API and
+the idempotent event insert; ``audit``: the idempotent audit insert; ``patterns``: the user's
+analysis handed back to the worker, enqueued now — analyses run only there); the admin API and
 ``vigil dlq replay`` both use it, so a manual replay writes exactly what the owner's replayer
 would. Admin routes (bearer ``VIGIL_ADMIN_TOKEN``, each change audited)::
 
@@ -15,6 +16,7 @@ Redis unreachable: 503 + ``Retry-After`` (the queue cannot be read).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -33,19 +35,33 @@ from service.guardrails.dlq import DeadLetterQueue, Entry
 __all__ = ["REPLAYABLE", "DLQAdminController", "replay_all", "replay_handler", "run_cli"]
 
 Handler = Callable[[Any], Awaitable[object]]
-REPLAYABLE = ("audit", "events")
+REPLAYABLE = ("audit", "events", "patterns")
 
 
 def replay_handler(queue: str, sessionmaker: async_sessionmaker[AsyncSession], **options: Any) -> Handler:
     """The handler that writes one payload of ``queue``; ``KeyError`` for an unknown queue.
-    ``options`` go to the queue's replayer (``on_stored`` for events)."""
+    ``options`` go to the queue's replayer (``on_stored`` for events; ``saq_queue``, the SAQ queue,
+    for patterns)."""
     if queue == "events":
         from service.domain.events.replay import EventReplayer
 
         return EventReplayer(sessionmaker, **options).handle
     if queue == "audit":
         return _audit_handler(sessionmaker)
+    if queue == "patterns":
+        return _patterns_handler(options["saq_queue"])
     raise KeyError(queue)
+
+
+def _patterns_handler(saq_queue: Any) -> Handler:
+    from service.domain.patterns.trigger import enqueue_analysis
+
+    async def handle(payload: Any) -> None:
+        # Both kinds of entry (an analysis that failed, an enqueue that failed) mean "analyse this
+        # user": the analysis is recomputed from the events, so running it again is harmless.
+        await enqueue_analysis(saq_queue, uuid.UUID(payload["user_id"]), debounce_seconds=0)
+
+    return handle
 
 
 def _audit_handler(sessionmaker: async_sessionmaker[AsyncSession]) -> Handler:
@@ -99,6 +115,8 @@ def _handler(state: State, name: str) -> Handler:
     options: dict[str, Any] = {}
     if name == "events":
         options["on_stored"] = state.vigil.extensions["events"].on_replayed
+    if name == "patterns":
+        options["saq_queue"] = state.vigil.extensions["queue"]
     return replay_handler(name, state.vigil.sessionmaker, **options)
 
 
@@ -186,6 +204,7 @@ async def run_cli(command: str, queue: str, entry_id: str | None, *, redis_url: 
         return 1, {"error": f"unknown queue {queue!r}; known: {', '.join(REPLAYABLE)}"}
     redis = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     engine = create_async_engine(database_url)
+    options: dict[str, Any] = {}
     try:
         dlq = DeadLetterQueue(queue, redis, spool_dir)
         if command == "list":
@@ -195,7 +214,12 @@ async def run_cli(command: str, queue: str, entry_id: str | None, *, redis_url: 
             assert entry_id is not None
             found = await dlq.discard(entry_id)
             return (0 if found else 1), {"queue": queue, "id": entry_id, "discarded": found}
-        handler = replay_handler(queue, async_sessionmaker(engine))
+        if queue == "patterns":
+            from service.worker.queue import create_queue
+
+            options["saq_queue"] = saq_queue = create_queue(redis_url)
+            await saq_queue.connect()
+        handler = replay_handler(queue, async_sessionmaker(engine), **options)
         if entry_id is None:
             report = await replay_all(dlq, handler)
             return 0, {"queue": queue, **report, "depth": dlq.current_depth()}
@@ -205,5 +229,7 @@ async def run_cli(command: str, queue: str, entry_id: str | None, *, redis_url: 
             return 1, {"queue": queue, "id": entry_id, "replayed": False, "error": f"{type(exc).__name__}: {exc}"}
         return (0 if found else 1), {"queue": queue, "id": entry_id, "replayed": found}
     finally:
+        if "saq_queue" in options:
+            await options["saq_queue"].disconnect()
         await redis.aclose()
         await engine.dispose()

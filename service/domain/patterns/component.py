@@ -37,6 +37,8 @@ class PatternsComponent(InitPluginProtocol):
         # The API only puts requests it could not enqueue; the worker replays them. Its refresh
         # loop moves this process's spool into Redis once Redis answers again.
         self.dlq = dead_letter_queue(resources)
+        # Listed for the admin API (``/admin/dlq/patterns``), beside the events and audit queues.
+        resources.extensions.setdefault("dlq", {})["patterns"] = self.dlq
         self.trigger = AnalysisTrigger(
             resources.extensions["queue"], self.dlq, resources.metrics, s.patterns_debounce_seconds
         )
