@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -64,6 +65,8 @@ class AnalysisResult:
     patterns: int = 0
     suggestions: dict[str, int] = field(default_factory=dict)
     """Suggestions created, by pattern kind."""
+    created: list[dict[str, object]] = field(default_factory=list)
+    """The suggestions created (``id``, ``pattern_id``, ``title``), for real-time delivery."""
 
 
 async def analyse_user(
@@ -84,8 +87,9 @@ async def analyse_user(
             for f in found
             if f.support >= cfg.suggest_min_support and f.confidence >= cfg.suggest_min_confidence
         ]
-        for kind in await _suggest(session, user_id, strong):
+        for kind, row in await _suggest(session, user_id, strong):
             result.suggestions[kind] = result.suggestions.get(kind, 0) + 1
+            result.created.append({"id": row["id"], "pattern_id": row["pattern_id"], "title": row["title"]})
     return result
 
 
@@ -117,21 +121,23 @@ async def _upsert(session: AsyncSession, user_id: uuid.UUID, found: list[Found])
     return {(r.signature, r.kind): r.id for r in await session.execute(stmt)}
 
 
-async def _suggest(session: AsyncSession, user_id: uuid.UUID, strong: list[tuple[uuid.UUID, Found]]) -> list[str]:
-    """Insert a suggestion for each strong pattern that never had one; the kinds created."""
+async def _suggest(
+    session: AsyncSession, user_id: uuid.UUID, strong: list[tuple[uuid.UUID, Found]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Insert a suggestion for each strong pattern that never had one; ``(kind, row)`` of each."""
     if not strong:
         return []
     ever = select(Suggestion.pattern_id).where(Suggestion.pattern_id.in_([i for i, _ in strong]))
     had = set(await session.scalars(ever))
-    rows = []
+    created: list[tuple[str, dict[str, Any]]] = []
     for pattern_id, f in strong:
         if pattern_id in had:
             continue
         title, definition = suggestion_for(f.kind, f.signature, f.details)
-        rows.append(
-            {"id": uuid.uuid4(), "user_id": user_id, "pattern_id": pattern_id, "title": title,
-             "workflow_definition": definition, "status": "open"}
+        created.append(
+            (f.kind, {"id": uuid.uuid4(), "user_id": user_id, "pattern_id": pattern_id, "title": title,
+                      "workflow_definition": definition, "status": "open"})
         )  # fmt: skip
-    if rows:
-        await session.execute(insert(Suggestion).values(rows))
-    return [f.kind for pattern_id, f in strong if pattern_id not in had]
+    if created:
+        await session.execute(insert(Suggestion).values([row for _, row in created]))
+    return created

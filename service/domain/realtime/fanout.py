@@ -27,6 +27,7 @@ __all__ = [
     "History",
     "Kind",
     "MessageId",
+    "append_and_publish_many",
     "channel_key",
     "encode_body",
     "frame",
@@ -108,6 +109,27 @@ async def append_and_publish(
         args=[kind, body, history_size, history_ttl_seconds * 1000],
     )
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def append_and_publish_many(
+    redis: aioredis.Redis,
+    user_id: uuid.UUID,
+    kind: str,
+    bodies: list[str],
+    *,
+    history_size: int = DEFAULT_HISTORY_SIZE,
+    history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
+) -> list[str]:
+    """:func:`append_and_publish` for several messages of one user in one round trip (a
+    pipeline of the same script, in order): a batch of 1,000 events costs one round trip, not
+    1,000. Raises like :func:`append_and_publish`."""
+    script = redis.register_script(_PUBLISH_LUA)
+    keys = [stream_key(user_id), channel_key(user_id)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for body in bodies:
+            await script(keys=keys, args=[kind, body, history_size, history_ttl_seconds * 1000], client=pipe)
+        raw = await pipe.execute()
+    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
 
 async def publish_via_redis(

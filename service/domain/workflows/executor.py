@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -152,6 +153,9 @@ class RunExecutor:
     lease_seconds: float
     integrations: IntegrationCalls | None = None
     """``None`` until the integrations job set publishes its caller (http steps then retry)."""
+    notify: Callable[[uuid.UUID, dict[str, Any]], Awaitable[Any]] | None = None
+    """Called with ``(user_id, {"id", "workflow_id", "status", "attempt"})`` after each status
+    change of a run (real-time ``workflow_run`` messages); best effort, never raises."""
 
     def __post_init__(self) -> None:
         self._runs = self.metrics.counter("workflow_runs_total")
@@ -225,7 +229,18 @@ class RunExecutor:
             definition = parse_definition(workflow.definition)
         if attempt == 1:
             self._pickup.observe(max(0.0, float(waited)))
-        return _Claim(run_id, user_id, workflow_id, attempt, max_attempts, trace_context, definition)
+        claimed = _Claim(run_id, user_id, workflow_id, attempt, max_attempts, trace_context, definition)
+        await self._notify(claimed, "running")
+        return claimed
+
+    async def _notify(self, claim: _Claim, status: str) -> None:
+        if self.notify is None:
+            return
+        change = {"id": claim.run_id, "workflow_id": claim.workflow_id, "status": status, "attempt": claim.attempt}
+        try:
+            await self.notify(claim.user_id, change)
+        except Exception as exc:  # a notification never changes a run's outcome
+            _log.warning("workflow_run_notify_failed", run_id=str(claim.run_id), error=_short(exc))
 
     async def _heartbeat(self, claim: _Claim, lease: _Lease, work: asyncio.Future[Any]) -> None:
         """Renew every third of the lease; cancel ``work`` once the lease is gone."""
@@ -498,6 +513,7 @@ class RunExecutor:
                 .where(WorkflowRun.id == claim.run_id)
                 .values(status=status, error=error and error[:2000])
             )
+        await self._notify(claim, status)
 
     async def _finish(self, claim: _Claim, lease: _Lease, status: str, error: str | None) -> None:
         async with self.sessionmaker() as session, session.begin():
@@ -514,5 +530,6 @@ class RunExecutor:
                 )
             )
         self._runs.labels(status).inc()
+        await self._notify(claim, status)
         log = _log.info if status == "succeeded" else _log.warning
         log("workflow_run_finished", run_id=str(claim.run_id), status=status, attempt=claim.attempt, error=error)

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -35,6 +36,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Workflow, WorkflowRun, WorkflowStepRun
+from service.domain.realtime.fanout import publish_via_redis
 from service.domain.workflows.definition import following, parse_definition
 from service.domain.workflows.executor import RunExecutor, job_timeout
 from service.periodic import Periodic
@@ -261,6 +263,19 @@ class WorkflowGauges:
         self._depth.set(await self.queue.count("queued"))
 
 
+async def _notify_run(resources: WorkerResources, user_id: uuid.UUID, change: dict[str, Any]) -> None:
+    """A run's status change to the user's open WebSockets (``workflow_run`` messages)."""
+    s = resources.settings
+    await publish_via_redis(
+        resources.redis,
+        user_id,
+        "workflow_run",
+        change,
+        history_size=s.realtime_history_size,
+        history_ttl_seconds=s.realtime_history_ttl_seconds,
+    )
+
+
 def workflow_jobs(settings: Settings) -> JobSet:
     """The workflows job set (see the module docstring)."""
     tick = max(1, min(59, settings.workflow_tick_seconds))
@@ -278,6 +293,7 @@ def workflow_jobs(settings: Settings) -> JobSet:
             owner=worker_id,
             lease_seconds=s.workflow_lease_seconds,
             integrations=resources.extensions.get("integrations"),
+            notify=functools.partial(_notify_run, resources),
         )
         resources.extensions["workflows.reaper"] = Reaper(
             resources.sessionmaker, resources.queue, resources.metrics, s.workflow_lease_seconds

@@ -313,6 +313,11 @@ async def execute_workflow(
         out = RunOut(**_run_fields(run))
         definition = wf.definition
     if out.status == "queued":  # new, or a retry of a request whose enqueue may have been lost
+        realtime = state.vigil.extensions.get("realtime")
+        if realtime is not None:  # the user's open WebSockets see the run from its first status
+            # Before the enqueue: a worker claiming the run at once publishes ``running`` after this.
+            change = {"id": out.id, "workflow_id": workflow_id, "status": "queued", "attempt": out.attempt}
+            await realtime.publish(user, "workflow_run", change)
         await enqueue_run(state.vigil.extensions["queue"], out.id, out.attempt, definition)
     await _written(state, user)
     return Response(out, status_code=202, headers={"Location": f"/api/runs/{out.id}"})
