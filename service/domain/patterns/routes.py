@@ -238,6 +238,10 @@ async def accept_suggestion(request: AnyRequest, state: State, suggestion_id: uu
         assert workflow_id is not None
         item = _suggestion_item(suggestion, pattern)
     if created:
+        from service.domain.workflows.routes import version_key
+
+        # The new workflow shows in the user's cached workflow list at once.
+        await state.vigil.cache.invalidate(version_key(user_id))
         await _after_write(request, "suggestion.accepted", user_id, suggestion_id, workflow_id=str(workflow_id))
     return AcceptResult(item, workflow_id)
 
