@@ -7,6 +7,7 @@ Exception hierarchy the handlers map (anything else is a logged 500 that leaks n
     ├── NotFoundException, 405, 413 …   -> their status
     └── ServiceUnavailable (here)       -> 503 + Retry-After (shedding, dependency down)
     sqlalchemy.exc.TimeoutError         -> 503 + Retry-After (connection pool exhausted)
+    sqlalchemy.exc.IntegrityError       -> 409 (a constraint refused the write, e.g. its user is gone)
     ConnectionError, TimeoutError,      -> 503 + Retry-After (a dependency unreachable, a
     DBAPIError with a lost connection      connection dropped); other DBAPIErrors are 500s
 """
@@ -97,6 +98,15 @@ def _connection_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return problem(503, "A dependency is unavailable; retry later.", {"Retry-After": str(math.ceil(retry_after))})
 
 
+def _integrity_error(request: Request[Any, Any, Any], exc: sa_exc.IntegrityError) -> Response[dict[str, Any]]:
+    """A write the database refused on a constraint that a handler did not check first, e.g. a
+    row referring to an account deleted while its token was still valid: the request conflicts
+    with the current state (409), it is not a server fault. The constraint is logged, not told."""
+    constraint = getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None)
+    _log.warning("integrity_conflict", route=request.scope.get("path_template"), constraint=constraint)
+    return problem(409, "The request conflicts with the current state of the data (a record it refers to is gone).")
+
+
 def _unhandled(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     _log.error("unhandled_exception", route=request.scope.get("path_template"), exc_info=exc)
     return problem(500, "An unexpected error occurred; it has been logged with this request id.")
@@ -106,6 +116,7 @@ def exception_handlers() -> Any:  # Litestar's handler-map type is invariant in 
     return {
         HTTPException: _http_exception,
         sa_exc.TimeoutError: _pool_timeout,
+        sa_exc.IntegrityError: _integrity_error,
         sa_exc.DBAPIError: _connection_error,
         ConnectionError: _connection_error,
         TimeoutError: _connection_error,

@@ -14,6 +14,7 @@ __all__ = ["JOB_SETS", "load_job_sets"]
 JOB_SETS: tuple[str, ...] = (
     "service.domain.email.jobs:email_jobs",
     "service.domain.events.jobs:events_jobs",
+    "service.domain.realtime.jobs:realtime_jobs",
     "service.domain.patterns.jobs:pattern_jobs",
     "service.domain.integrations.jobs:integration_jobs",
     "service.domain.workflows.jobs:workflow_jobs",

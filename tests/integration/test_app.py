@@ -32,6 +32,18 @@ async def read_item(item_id: FromPath[int], db_session: NamedDependency[AsyncSes
     return {"id": row.id}
 
 
+@post("/probe/orphan")
+async def write_orphan(db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
+    # An event of a user that does not exist: the foreign key refuses it.
+    await db_session.execute(
+        text(
+            "INSERT INTO events (user_id, idempotency_key, type, occurred_at)"
+            " VALUES (gen_random_uuid(), 'k', 't', now())"
+        )
+    )
+    return {}
+
+
 @post("/probe/things")
 async def create_thing(data: JSONBody[Thing]) -> dict[str, Any]:
     return {"name": data.name}
@@ -39,7 +51,9 @@ async def create_thing(data: JSONBody[Thing]) -> dict[str, Any]:
 
 @pytest.fixture
 async def client(migrated_url: str, redis_server: EmbeddedRedis):  # type: ignore[no-untyped-def]
-    app = create_app(settings_for(migrated_url, redis_server.url(), max_body_bytes=2048), [read_item, create_thing])
+    app = create_app(
+        settings_for(migrated_url, redis_server.url(), max_body_bytes=2048), [read_item, create_thing, write_orphan]
+    )
     async with AsyncTestClient(app) as c:
         yield c
 
@@ -163,7 +177,8 @@ async def test_access_log_line_carries_request_and_trace_ids(client: AsyncTestCl
 
 
 async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
-    """Invalid input gets 400 problem+json naming the field; unknown routes 404; oversized 413."""
+    """Invalid input gets 400 problem+json naming the field (``body`` for a malformed body); a
+    write refused by a constraint 409; unknown routes 404; oversized 413."""
     r = await client.post("/probe/things", json={"name": "x", "size": "big"})
     assert r.status_code == 400
     assert r.headers["content-type"].startswith("application/problem+json")
@@ -175,6 +190,8 @@ async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient)
     r = await client.post("/probe/things", json=[1, 2])
     assert r.status_code == 400
     assert [e["field"] for e in r.json()["errors"]] == ["body"]  # not Litestar's parameter name "data"
+    r = await client.post("/probe/orphan")  # a constraint refusing the write: a conflict, not a 500
+    assert r.status_code == 409 and r.headers["content-type"].startswith("application/problem+json")
     r = await client.get("/nowhere")
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
     r = await client.post(

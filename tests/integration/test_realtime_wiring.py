@@ -20,8 +20,12 @@ from websockets.asyncio.client import ClientConnection
 
 from service.app import create_app
 from service.db.engine import create_sessionmaker
+from service.domain.events.jobs import events_jobs
+from service.domain.integrations.jobs import integration_jobs
 from service.domain.patterns.analysis import analyse_user, analysis_config
 from service.domain.patterns.jobs import pattern_jobs
+from service.domain.realtime.jobs import realtime_jobs
+from service.domain.workflows.jobs import workflow_jobs
 from service.domain.workflows.service import create_workflow
 from service.settings import Settings
 from tests.integration.test_patterns import FAST, add_events, add_user, bearer, dataset, patterns_settings
@@ -88,9 +92,9 @@ async def test_a_run_executed_through_the_api_is_told_queued_running_succeeded(
     ``workflow_run`` messages ``queued`` (from the API), ``running`` (the worker's claim) and
     ``succeeded`` (its end), in that order and with increasing message ids, each carrying the
     run id, the workflow id and the attempt (0 while queued, 1 once claimed); another user's
-    client receives none of them. The event the ``emit_event`` step stores is listed by
-    ``GET /api/events`` but is NOT pushed as an ``event`` message: the worker inserts it with
-    ``insert_events`` directly, bypassing the API's events listeners (a known gap)."""
+    client receives none of them. The event the ``emit_event`` step stores goes through the
+    worker's events listeners: it is pushed as an ``event`` message between ``running`` and
+    ``succeeded``, and ``GET /api/events`` lists it at once (the cached list was invalidated)."""
     settings = wf_settings(outbox_db, redis_url)
     alice, bob = await add_user(db), await add_user(db)
     definition = {
@@ -99,8 +103,10 @@ async def test_a_run_executed_through_the_api_is_told_queued_running_succeeded(
             {"name": "emit", "kind": "emit_event", "event_type": "report.ready", "payload": {"n": 1}},
         ]
     }
-    async with served(settings) as (app, http, base), wf_worker(settings):
+    job_sets = (events_jobs(settings), realtime_jobs(settings), workflow_jobs(settings), integration_jobs(settings))
+    async with served(settings) as (app, http, base), wf_worker(settings, job_sets=job_sets):
         auth = bearer(app, alice)
+        assert (await http.get("/api/events", headers=auth)).json()["items"] == []  # cached empty
         r = await http.post("/api/workflows", json={"name": "w", "definition": definition}, headers=auth)
         assert r.status_code == 201, r.text
         workflow_id = r.json()["id"]
@@ -112,7 +118,9 @@ async def test_a_run_executed_through_the_api_is_told_queued_running_succeeded(
         run_id = r.json()["id"]
         got = await until(ws, lambda ms: any(m["data"].get("status") == "succeeded" for m in ms))
         runs = of_kind(got, "workflow_run")
-        assert got == runs, got  # nothing but the run's messages
+        assert [m["kind"] for m in got] == ["workflow_run", "workflow_run", "event", "workflow_run"], got
+        [pushed] = of_kind(got, "event")
+        assert (pushed["data"]["type"], pushed["data"]["idempotency_key"]) == ("report.ready", f"run:{run_id}:emit")
         assert [m["data"] for m in runs] == [
             {"id": run_id, "workflow_id": workflow_id, "status": "queued", "attempt": 0},
             {"id": run_id, "workflow_id": workflow_id, "status": "running", "attempt": 1},
@@ -124,7 +132,7 @@ async def test_a_run_executed_through_the_api_is_told_queued_running_succeeded(
         assert [(e["type"], e["source"], e["idempotency_key"]) for e in events] == [
             ("report.ready", "workflow", f"run:{run_id}:emit")
         ]
-        assert await silent(ws, 0.5) == []  # the stored event is not pushed
+        assert await silent(ws, 0.5) == []  # nothing else
         assert await silent(other, 0.1) == []
         await ws.close()
         await other.close()

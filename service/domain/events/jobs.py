@@ -51,10 +51,13 @@ class EventsReplay:
         )
         # The API's cache (same name and prefix): a replay must show up in the owner's lists.
         self.cache = Cache("api", resources.redis, cache_config(s))
-        self.replayer = EventReplayer(resources.sessionmaker, self._stored, s.events_dlq_max_attempts)
+        self.replayer = EventReplayer(resources.sessionmaker, self.stored, s.events_dlq_max_attempts)
         self.failing = False
 
-    async def _stored(self, user_id: uuid.UUID, events: Sequence[StoredEvent]) -> None:
+    async def stored(self, user_id: uuid.UUID, events: Sequence[StoredEvent]) -> None:
+        """What follows events the worker stored (replayed here, or emitted by a workflow step):
+        the owner's cached lists are invalidated and the worker's events listeners (real-time
+        push, pattern analysis) called; a failing listener is logged, never raised."""
         await self.cache.invalidate(version_key(user_id))
         for listener in self.resources.extensions.get("events.listeners", ()):
             try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,7 +29,7 @@ from litestar.params import Parameter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.clientip import TrustedProxies, client_ip
+from service.clientip import request_ip
 from service.db.models import Pattern, Suggestion
 from service.domain.auth.middleware import requires_user
 from service.domain.patterns.suggest import proposed_schedule
@@ -195,7 +194,7 @@ async def _after_write(request: AnyRequest, action: str, user_id: uuid.UUID, tar
     for key in read_keys(user_id):
         await resources.cache.invalidate(key)
     audit = resources.extensions.get("audit")
-    ip = client_ip(request.scope, _trusted(resources.settings.trusted_proxies))
+    ip = request_ip(request.scope, resources.settings.trusted_proxies)
     if audit is None:
         _log.warning("audit_unavailable", action=action, ip=ip, target_id=str(target))
         return
@@ -206,10 +205,6 @@ async def _after_write(request: AnyRequest, action: str, user_id: uuid.UUID, tar
     except Exception:  # the recorder never raises; a broken one must not fail the write
         _log.exception("audit_record_failed", action=action)
 
-
-@lru_cache(maxsize=8)
-def _trusted(networks: tuple[str, ...]) -> TrustedProxies:
-    return TrustedProxies(networks)
 
 
 @post("/suggestions/{suggestion_id:uuid}/accept", status_code=200)

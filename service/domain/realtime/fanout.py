@@ -32,6 +32,7 @@ __all__ = [
     "encode_body",
     "frame",
     "parse_id",
+    "publish_many_via_redis",
     "publish_via_redis",
     "read_history",
     "stream_key",
@@ -161,6 +162,33 @@ async def publish_via_redis(
         _State.failing = False
         _log.info("realtime_publish_recovered")
     return mid
+
+
+async def publish_many_via_redis(
+    redis: aioredis.Redis,
+    user_id: uuid.UUID,
+    kind: str,
+    items: list[Any],
+    *,
+    history_size: int = DEFAULT_HISTORY_SIZE,
+    history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
+) -> list[str] | None:
+    """:func:`publish_via_redis` for several messages of one user, in order, in one pipeline
+    (the worker's events listener pushes a replayed or emitted batch this way)."""
+    bodies = [encode_body(kind, data) for data in items]
+    try:
+        ids = await append_and_publish_many(
+            redis, user_id, kind, bodies, history_size=history_size, history_ttl_seconds=history_ttl_seconds
+        )
+    except (RedisError, OSError) as exc:
+        if not _State.failing:
+            _State.failing = True
+            _log.warning("realtime_publish_unavailable", error=type(exc).__name__)
+        return None
+    if _State.failing:
+        _State.failing = False
+        _log.info("realtime_publish_recovered")
+    return ids
 
 
 class History(msgspec.Struct):

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -50,7 +50,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from service.db.models import Workflow, WorkflowRun, WorkflowStepRun
 from service.domain.email.outbox import enqueue_email
-from service.domain.events import EventIn, insert_events
+from service.domain.events import EventIn, StoredEvent, insert_events
 from service.domain.integrations.caller import (
     IntegrationCredentialsUnreadable,
     IntegrationError,
@@ -153,6 +153,10 @@ class RunExecutor:
     lease_seconds: float
     integrations: IntegrationCalls | None = None
     """``None`` until the integrations job set publishes its caller (http steps then retry)."""
+    on_events: Callable[[uuid.UUID, Sequence[StoredEvent]], Awaitable[Any]] | None = None
+    """Called with the events an ``emit_event`` step stored, after their transaction committed
+    (the events job set's ``EventsReplay.stored``: cache invalidation and the worker's events
+    listeners, so an emitted event is pushed and analysed like an ingested one)."""
     notify: Callable[[uuid.UUID, dict[str, Any]], Awaitable[Any]] | None = None
     """Called with ``(user_id, {"id", "workflow_id", "status", "attempt"})`` after each status
     change of a run (real-time ``workflow_run`` messages); best effort, never raises."""
@@ -464,6 +468,7 @@ class RunExecutor:
     ) -> None:
         """The step's row and the step's success in one transaction: exactly once per run."""
         name = f"{'undo:' if is_compensation else ''}{step.name}"
+        stored: list[StoredEvent] = []
         async with self.sessionmaker() as session, session.begin():
             await self._hold(session, claim, lease)
             output: dict[str, Any]
@@ -475,13 +480,18 @@ class RunExecutor:
             else:
                 key = f"run:{claim.run_id}:{name}"
                 event = EventIn(idempotency_key=key, type=step.event_type, source="workflow", payload=step.payload)
-                await insert_events(session, claim.user_id, [event])
+                stored = await insert_events(session, claim.user_id, [event])
                 output = {"idempotency_key": key}
             await session.execute(
                 update(WorkflowStepRun)
                 .where(WorkflowStepRun.id == row_id)
                 .values(status="compensated" if is_compensation else "succeeded", finished_at=func.now(), output=output)
             )
+        if stored and self.on_events is not None:
+            try:
+                await self.on_events(claim.user_id, stored)
+            except Exception as exc:  # the event is stored; what follows it never fails the step
+                _log.warning("workflow_emitted_event_listeners_failed", run_id=str(claim.run_id), error=_short(exc))
 
     async def _skip_rest(self, claim: _Claim, start: int) -> None:
         """History rows for the steps a failure left unrun (attempt 0, ``skipped``)."""

@@ -294,6 +294,7 @@ def workflow_jobs(settings: Settings) -> JobSet:
             lease_seconds=s.workflow_lease_seconds,
             integrations=resources.extensions.get("integrations"),
             notify=functools.partial(_notify_run, resources),
+            on_events=getattr(resources.extensions.get("events.replay"), "stored", None),
         )
         resources.extensions["workflows.reaper"] = Reaper(
             resources.sessionmaker, resources.queue, resources.metrics, s.workflow_lease_seconds
