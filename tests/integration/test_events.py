@@ -334,7 +334,9 @@ async def test_admin_dlq_lists_replays_and_discards_with_an_audit_trail(
 
             async def audited() -> bool:
                 async with engine.connect() as conn:
-                    rows = await conn.execute(text("SELECT action FROM audit_log WHERE action LIKE 'admin.dlq%'"))
+                    rows = await conn.execute(
+                        text("SELECT action FROM audit_log WHERE action LIKE 'admin.dlq%' AND target_id LIKE 'events%'")
+                    )
                     return sorted(r[0] for r in rows) == [
                         "admin.dlq_discard",
                         "admin.dlq_replay",
