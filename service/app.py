@@ -6,6 +6,7 @@ lifespan; they live on ``app.state.vigil`` (:class:`Resources`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.metadata
 from collections.abc import AsyncIterator, Sequence
@@ -82,6 +83,16 @@ def metrics_endpoint(request: Request[Any, Any, State]) -> Response[bytes]:
 def _load(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def freeze_startup_heap() -> None:
+    """Move everything allocated until the end of startup (modules, routes, pools, caches) out of
+    the garbage collector's view (``gc.freeze``). Without it each full collection walks that
+    whole heap again; a batch of 1,000 events allocates enough to trigger several, and measured
+    here freezing cuts the CPU per ingested event by a third (docs/decisions.md, D55). Garbage of
+    startup is collected first, so nothing dead is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> Litestar:
@@ -162,6 +173,8 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
         dependencies={"db_session": Provide(provide_db_session)},
         state=State({"vigil": resources}),
         lifespan=[lifespan],
+        # After every component's lifespan has started: see freeze_startup_heap.
+        on_startup=[freeze_startup_heap],
         exception_handlers=exception_handlers(),
         before_send=[stamp_degraded],
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,

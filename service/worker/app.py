@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from saq.job import CronJob
 from saq.worker import Worker
 
+from service.app import freeze_startup_heap
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.pool import observe_pool
 from service.guardrails.breaker_admin import BreakerRegistry
@@ -228,6 +229,7 @@ class WorkerRuntime:
             breakers.start()
             self._task = asyncio.get_running_loop().create_task(self.worker.start(), name="vigil-worker")
         self._cleanup.push_async_callback(breakers.stop)
+        freeze_startup_heap()  # as the API does: jobs allocate, the startup heap is not rescanned
         _log.info(
             "worker_started",
             queue=queue.name,

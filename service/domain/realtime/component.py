@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.plugins import InitPluginProtocol
@@ -52,7 +51,7 @@ class RealtimeComponent(InitPluginProtocol):
     async def on_events(self, user_id: uuid.UUID, events: Sequence[Any]) -> None:
         """Events listener: each stored event goes to its owner's clients as kind ``event`` (a
         batch in one Redis round trip)."""
-        await self.hub.publish_many(user_id, "event", [msgspec.to_builtins(event) for event in events])
+        await self.hub.publish_many(user_id, "event", list(events))
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         tokens = self.resources.extensions["auth"]

@@ -14,8 +14,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
-
 from service.domain.realtime.fanout import publish_many_via_redis
 from service.settings import Settings
 from service.worker.base import JobSet, WorkerResources
@@ -34,7 +32,7 @@ def realtime_jobs(settings: Settings) -> JobSet:
                 resources.redis,
                 user_id,
                 "event",
-                [msgspec.to_builtins(event) for event in events],
+                list(events),
                 history_size=s.realtime_history_size,
                 history_ttl_seconds=s.realtime_history_ttl_seconds,
             )
