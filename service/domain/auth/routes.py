@@ -166,7 +166,6 @@ def _count(request: AnyRequest, event: str) -> None:
     request.app.state.vigil.metrics.counter("auth_events_total").labels(event).inc()
 
 
-
 def _audit(request: AnyRequest, action: str, **kw: Any) -> None:
     """Record ``action`` in the audit log (off the request path, never raising); while no
     audit component is mounted, log it at warning level rather than drop it."""

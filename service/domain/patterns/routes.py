@@ -206,7 +206,6 @@ async def _after_write(request: AnyRequest, action: str, user_id: uuid.UUID, tar
         _log.exception("audit_record_failed", action=action)
 
 
-
 @post("/suggestions/{suggestion_id:uuid}/accept", status_code=200)
 async def accept_suggestion(request: AnyRequest, state: State, suggestion_id: uuid.UUID) -> AcceptResult:
     """Create the suggested workflow (idempotent: accepting again answers the same workflow)."""
