@@ -101,9 +101,7 @@ def _patterns(board: Board) -> None:
             "Analyses per second: succeeded, dead_lettered (failed after retries, replayed later from"
             " the patterns DLQ); and requests: enqueued, deduplicated (debounced), failed (queue down).",
             query(f"sum by (outcome) (rate({sel('pattern_analysis_runs_total')}[{RATE}]))", "run {{outcome}}"),
-            query(
-                f"sum by (outcome) (rate({sel('pattern_analysis_enqueues_total')}[{RATE}]))", "request {{outcome}}"
-            ),
+            query(f"sum by (outcome) (rate({sel('pattern_analysis_enqueues_total')}[{RATE}]))", "request {{outcome}}"),
             unit="ops",
             w=8,
         ),

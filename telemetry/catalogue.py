@@ -396,8 +396,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "gauge",
         "{run}",
         ("status",),
-        "Runs waiting for a worker (queued) or executing (running, compensating included), from"
-        " the database.",
+        "Runs waiting for a worker (queued) or executing (running, compensating included), from the database.",
     ),
     MetricSpec(
         "workflow_runs_stuck",
