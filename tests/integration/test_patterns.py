@@ -260,7 +260,9 @@ async def test_failing_analysis_is_dead_lettered_and_replayed(
     ``patterns``) is not lost: the job dead-letters it to the ``patterns`` queue
     (``dlq_depth{queue="patterns"}`` 1, ``pattern_analysis_runs_total{outcome="dead_lettered"}``);
     the replayer retries it while it keeps failing and, once the cause is gone, the replay
-    stores the patterns and empties the queue (``dlq_messages_total{action="replayed"}``)."""
+    stores the patterns and empties the queue (``dlq_messages_total{action="replayed"}``).
+    SAQ delivers at least once (its sweep may run a job caught between dequeue and start a
+    second time): a second dead-lettered run is allowed, as analyses are idempotent."""
     alice = await add_user(db)
     await add_events(db, alice, dataset())
     async with db.begin() as conn:
@@ -276,9 +278,13 @@ async def test_failing_analysis_is_dead_lettered_and_replayed(
     port = free_port()
     async with stack(patterns_settings(outbox_db, redis_url), port) as (app, client, runtime):
         assert await ingest(client, alice) == "enqueued"
-        await eventually(lambda: _equals(runs(port, "dead_lettered"), 1), timeout=15)
+
+        async def dead_lettered() -> bool:
+            return ((await runs(port, "dead_lettered")) or 0) >= 1
+
+        await eventually(dead_lettered, timeout=15)
         body = await scrape(port)
-        assert value(body, "dlq_messages_total", queue="patterns", action="enqueued") == 1
+        assert (value(body, "dlq_messages_total", queue="patterns", action="enqueued") or 0) >= 1
         assert runtime.resources is not None
         dlq = runtime.resources.extensions["patterns"].dlq
 
@@ -287,14 +293,16 @@ async def test_failing_analysis_is_dead_lettered_and_replayed(
 
         await eventually(replay_failed, timeout=10)  # replayed, still failing: kept, not parked
         entries = await dlq.list()
-        assert len(entries) == 1 and not entries[0].parked
-        assert "patterns refused by the test" in entries[0].last_error
+        assert len(entries) >= 1 and not any(e.parked for e in entries)
+        assert all("patterns refused by the test" in e.last_error for e in entries)
         async with db.begin() as conn:
             await conn.execute(text("DROP TRIGGER refuse ON patterns"))
 
         async def replayed() -> bool:
             text_ = await scrape(port)
-            return value(text_, "dlq_messages_total", queue="patterns", action="replayed") == 1
+            return value(text_, "dlq_depth", queue="patterns") == 0 and (
+                (value(text_, "dlq_messages_total", queue="patterns", action="replayed") or 0) >= 1
+            )
 
         await eventually(replayed, timeout=15)
         r = await client.get("/api/patterns", headers=bearer(app, alice))
@@ -302,7 +310,7 @@ async def test_failing_analysis_is_dead_lettered_and_replayed(
         assert found == EXPECTED
         body = await scrape(port)
     assert value(body, "dlq_depth", queue="patterns") == 0
-    assert value(body, "pattern_analysis_runs_total", outcome="succeeded") == 1
+    assert (value(body, "pattern_analysis_runs_total", outcome="succeeded") or 0) >= 1
 
 
 async def test_events_ingested_through_the_api_trigger_one_analysis(
