@@ -68,7 +68,8 @@ async def insert_events(
             },
         )
     ).all()
-    returned = {r.idempotency_key: (r.id, r.received_at) for r in rows}
+    # Unpacked by position: a Row's attribute access costs a lookup per field, per row.
+    returned = {key: (event_id, at) for event_id, key, at in rows}
     stored = []
     for e, at in zip(items, occurred, strict=True):
         hit = returned.pop(e.idempotency_key, None)  # pop: a key repeated in items is stored once
