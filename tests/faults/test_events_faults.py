@@ -297,3 +297,37 @@ async def test_backpressure_refuses_new_events_while_the_backlog_is_deep(
             again = await client.post("/api/events/batch", json=[ev("late1")])
             assert again.status_code == 200 and again.json()["counts"]["stored"] == 1
     assert sorted(await stored_keys(engine, user)) == sorted([f"p{i}" for i in range(12)] + ["late1"])
+
+
+async def test_event_list_is_served_stale_while_postgres_is_down(
+    own_pg: EmbeddedPostgres, make_redis: Callable[[], EmbeddedRedis], engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """With the test's PostgreSQL killed, a page of the event list read before keeps answering
+    200 from the cache, marked ``Vigil-Degraded: stale`` and counted in
+    ``degraded_responses_total{route="/api/events"}``; a page never read answers 503 +
+    Retry-After; once PostgreSQL is back the same page is fresh again (no header)."""
+    settings = event_settings(own_pg.url(), make_redis().url(), tmp_path / "spool", cache_ttl_seconds=0.2)
+    app = create_app(settings)
+    user = await add_user(engine)
+    with running_server(app) as url:
+        async with httpx.AsyncClient(base_url=url, headers=bearer(app, user), timeout=30) as client:
+            r = await client.post("/api/events/batch", json=[ev(f"s{i}") for i in range(3)])
+            assert r.json()["counts"]["stored"] == 3
+            fresh = await client.get("/api/events", params={"limit": 10})
+            assert fresh.status_code == 200 and "vigil-degraded" not in fresh.headers
+            own_pg.kill()
+            await asyncio.sleep(0.3)  # past freshness: the next read reaches for PostgreSQL
+            stale = await client.get("/api/events", params={"limit": 10})
+            assert stale.status_code == 200 and stale.headers["vigil-degraded"] == "stale"
+            assert stale.json() == fresh.json()
+            never = await client.get("/api/events", params={"limit": 7})
+            assert never.status_code == 503 and int(never.headers["retry-after"]) >= 1
+            degraded = value(await scrape(client), "degraded_responses_total", route="/api/events")
+            assert degraded is not None and degraded >= 1
+            await asyncio.to_thread(own_pg.start)
+
+            async def fresh_again() -> bool:
+                r = await client.get("/api/events", params={"limit": 10})
+                return r.status_code == 200 and "vigil-degraded" not in r.headers
+
+            await eventually(fresh_again, timeout=20, interval=0.3)
