@@ -161,7 +161,7 @@ async def list_suggestions(
         if status != "all":
             stmt = stmt.where(Suggestion.status == status)
         stmt = stmt.order_by(Suggestion.created_at.desc(), Suggestion.id)
-        return SuggestionList([_suggestion_item(s, p) for s, p in (await session.execute(stmt)).tuples()])
+        return SuggestionList([_suggestion_item(s, p) for s, p in await session.execute(stmt)])
 
     async def load() -> SuggestionList:
         result: SuggestionList = await state.vigil.db.read("suggestions_list", query)
@@ -179,7 +179,7 @@ async def _locked(session: AsyncSession, user_id: uuid.UUID, suggestion_id: uuid
         .where(Suggestion.id == suggestion_id, Suggestion.user_id == user_id)
         .with_for_update(of=Suggestion)
     )
-    row = (await session.execute(stmt)).tuples().one_or_none()
+    row = (await session.execute(stmt)).one_or_none()
     if row is None:
         raise NotFoundException(f"No suggestion {suggestion_id} of yours.")
     return row
