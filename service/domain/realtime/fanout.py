@@ -47,22 +47,13 @@ DEFAULT_HISTORY_TTL_SECONDS = 86_400
 _ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _log = get_logger("vigil.realtime")
 
-# KEYS: stream, channel. ARGV: kind, body (a JSON object starting with {"kind"), maxlen, ttl ms.
-# The channel carries "<id>\n<kind>\n<frame>" so subscribers route without parsing JSON.
-_PUBLISH_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'k', ARGV[1], 'b', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local frame = '{"id":"' .. id .. '",' .. string.sub(ARGV[2], 2)
-redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[1] .. '\\n' .. frame)
-return id
-"""
-
-
-# The same for several messages of one kind in one call. KEYS: stream, channel. ARGV: kind,
-# maxlen, ttl ms, then the bodies joined by newlines (JSON bodies contain none: newlines inside
-# strings are escaped), as ONE argument: redis-py packs each argument separately, and packing
-# 1,000 of them cost more than the script. Returns the ids in order, comma-joined (one bulk
-# string parses faster than a 1,000-element array).
+# Appends messages of one kind to the user's stream and publishes each on the user's channel.
+# KEYS: stream, channel. ARGV: kind, maxlen, ttl ms, then the bodies (JSON objects starting with
+# {"kind") joined by newlines (JSON bodies contain none: newlines inside strings are escaped),
+# as ONE argument: redis-py packs each argument separately, and packing 1,000 of them cost more
+# than the script. The channel carries "<id>\n<kind>\n<frame>" so subscribers route without
+# parsing JSON. Returns the ids in order, comma-joined (one bulk string parses faster than a
+# 1,000-element array).
 _PUBLISH_MANY_LUA = """
 local ids = {}
 for body in string.gmatch(ARGV[4], '[^\\n]+') do
@@ -111,25 +102,6 @@ class _State:
     """Whether the last :func:`publish_via_redis` of this process failed (one log per change)."""
 
 
-async def append_and_publish(
-    redis: aioredis.Redis,
-    user_id: uuid.UUID,
-    kind: str,
-    body: str,
-    *,
-    history_size: int = DEFAULT_HISTORY_SIZE,
-    history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
-) -> str:
-    """Append to the user's history and publish to their channel; the message id. Raises
-    :class:`redis.exceptions.RedisError` (or ``OSError``) when Redis is unreachable."""
-    # EVALSHA, falling back to EVAL once per server (a restarted Redis has lost its scripts).
-    raw = await redis.register_script(_PUBLISH_LUA)(
-        keys=[stream_key(user_id), channel_key(user_id)],
-        args=[kind, body, history_size, history_ttl_seconds * 1000],
-    )
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
 async def append_and_publish_many(
     redis: aioredis.Redis,
     user_id: uuid.UUID,
@@ -139,10 +111,11 @@ async def append_and_publish_many(
     history_size: int = DEFAULT_HISTORY_SIZE,
     history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
 ) -> list[str]:
-    """:func:`append_and_publish` for several messages of one user and kind in ONE script call
-    (a batch of 1,000 events costs one command, not 1,000: measured by
-    ``bench/events_ingest.py``, a pipeline of per-message calls cost ~20 µs per event in
-    redis-py's packing and parsing alone). Raises like :func:`append_and_publish`."""
+    """Append messages to the user's history and publish them on their channel, in ONE script
+    call (EVALSHA, EVAL again once a restarted Redis has lost its scripts); their ids, in order.
+    A batch of 1,000 events costs one command, not 1,000: a pipeline of per-message calls cost
+    ~20 µs per event in redis-py's packing and parsing alone (``bench/events_ingest.py``).
+    Raises :class:`redis.exceptions.RedisError` (or ``OSError``) when Redis is unreachable."""
     if not bodies:
         return []
     raw = await redis.register_script(_PUBLISH_MANY_LUA)(
@@ -168,20 +141,10 @@ async def publish_via_redis(
     never raises for an outage; one log line per change of state, not per message.
 
     ``kind`` must be one of :data:`KINDS` (ValueError otherwise)."""
-    body = encode_body(kind, data)
-    try:
-        mid = await append_and_publish(
-            redis, user_id, kind, body, history_size=history_size, history_ttl_seconds=history_ttl_seconds
-        )
-    except (RedisError, OSError) as exc:
-        if not _State.failing:
-            _State.failing = True
-            _log.warning("realtime_publish_unavailable", error=type(exc).__name__)
-        return None
-    if _State.failing:
-        _State.failing = False
-        _log.info("realtime_publish_recovered")
-    return mid
+    ids = await publish_many_via_redis(
+        redis, user_id, kind, [data], history_size=history_size, history_ttl_seconds=history_ttl_seconds
+    )
+    return ids[0] if ids else None
 
 
 async def publish_many_via_redis(
@@ -193,7 +156,7 @@ async def publish_many_via_redis(
     history_size: int = DEFAULT_HISTORY_SIZE,
     history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
 ) -> list[str] | None:
-    """:func:`publish_via_redis` for several messages of one user, in order, in one pipeline
+    """:func:`publish_via_redis` for several messages of one user, in order, in one script call
     (the worker's events listener pushes a replayed or emitted batch this way)."""
     bodies = [encode_body(kind, data) for data in items]
     try:

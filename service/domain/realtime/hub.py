@@ -157,19 +157,8 @@ class RealtimeHub:
     async def publish(self, user_id: uuid.UUID, kind: str, data: Any) -> str:
         """Deliver ``data`` to ``user_id``'s clients on every instance (this one only while
         Redis is down); the message id. Never raises for an outage."""
-        body = fanout.encode_body(kind, data)
-        if self.backend == "redis":
-            try:
-                return await asyncio.wait_for(
-                    fanout.append_and_publish(
-                        self.redis, user_id, kind, body,
-                        history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
-                    ),
-                    timeout=self.subscribe_timeout,
-                )  # fmt: skip
-            except _REDIS_ERRORS as exc:
-                self._to_local("publish_failed", exc)
-        return self._publish_locally(user_id, kind, body)
+        [mid] = await self.publish_many(user_id, kind, [data])
+        return mid
 
     async def publish_many(self, user_id: uuid.UUID, kind: str, items: Sequence[Any]) -> list[str]:
         """:meth:`publish` for several messages to one user, in order, with one Redis round trip
