@@ -36,7 +36,7 @@ from service.domain.patterns.analysis import AnalysisConfig, AnalysisResult, ana
 from service.domain.patterns.detect import newest_event_id
 from service.domain.patterns.routes import read_keys
 from service.domain.patterns.trigger import enqueue_analysis
-from service.domain.realtime.fanout import publish_via_redis
+from service.domain.realtime.jobs import publish_from_worker
 from service.guardrails.cache import Cache
 from service.guardrails.config import cache_config
 from service.guardrails.degradation import database_unavailable
@@ -138,13 +138,10 @@ class PatternWorker:
     async def _notify(self, user_id: uuid.UUID, result: AnalysisResult) -> None:
         """Tell the user's open WebSockets: one ``pattern`` message per analysis, one
         ``suggestion`` message per suggestion created (best effort: never raises)."""
-        s = self.resources.settings
-        history = {"history_size": s.realtime_history_size, "history_ttl_seconds": s.realtime_history_ttl_seconds}
-        redis = self.resources.redis
         summary = {"patterns": result.patterns, "suggestions_created": sum(result.suggestions.values())}
-        await publish_via_redis(redis, user_id, "pattern", summary, **history)
-        for suggestion in result.created:
-            await publish_via_redis(redis, user_id, "suggestion", suggestion, **history)
+        await publish_from_worker(self.resources, user_id, "pattern", [summary])
+        if result.created:
+            await publish_from_worker(self.resources, user_id, "suggestion", result.created)
 
     async def run(self, user_id: uuid.UUID, slot: int) -> dict[str, Any]:
         """The job: analyse, dead-letter on failure, follow up when events arrived meanwhile."""

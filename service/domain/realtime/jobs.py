@@ -18,24 +18,31 @@ from service.domain.realtime.fanout import publish_many_via_redis
 from service.settings import Settings
 from service.worker.base import JobSet, WorkerResources
 
-__all__ = ["realtime_jobs"]
+__all__ = ["publish_from_worker", "realtime_jobs"]
+
+
+async def publish_from_worker(
+    resources: WorkerResources, user_id: uuid.UUID, kind: str, items: Sequence[Any]
+) -> list[str] | None:
+    """Push ``items`` (one message each, in order) to the user's WebSockets from a worker, with
+    the history bounds of the settings; None while Redis is unreachable (never raises for it)."""
+    s = resources.settings
+    return await publish_many_via_redis(
+        resources.redis,
+        user_id,
+        kind,
+        list(items),
+        history_size=s.realtime_history_size,
+        history_ttl_seconds=s.realtime_history_ttl_seconds,
+    )
 
 
 def realtime_jobs(settings: Settings) -> JobSet:
     """No jobs of its own: a worker-side events listener (``extensions["events.listeners"]``)."""
 
     async def startup(resources: WorkerResources) -> None:
-        s = resources.settings
-
         async def push_events(user_id: uuid.UUID, events: Sequence[Any]) -> None:
-            await publish_many_via_redis(
-                resources.redis,
-                user_id,
-                "event",
-                list(events),
-                history_size=s.realtime_history_size,
-                history_ttl_seconds=s.realtime_history_ttl_seconds,
-            )
+            await publish_from_worker(resources, user_id, "event", events)
 
         resources.extensions.setdefault("events.listeners", []).append(push_events)
 

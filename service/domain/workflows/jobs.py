@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Workflow, WorkflowRun, WorkflowStepRun
-from service.domain.realtime.fanout import publish_via_redis
+from service.domain.realtime.jobs import publish_from_worker
 from service.domain.workflows.definition import following, parse_definition
 from service.domain.workflows.executor import RunExecutor, job_timeout
 from service.periodic import Periodic
@@ -265,15 +265,7 @@ class WorkflowGauges:
 
 async def _notify_run(resources: WorkerResources, user_id: uuid.UUID, change: dict[str, Any]) -> None:
     """A run's status change to the user's open WebSockets (``workflow_run`` messages)."""
-    s = resources.settings
-    await publish_via_redis(
-        resources.redis,
-        user_id,
-        "workflow_run",
-        change,
-        history_size=s.realtime_history_size,
-        history_ttl_seconds=s.realtime_history_ttl_seconds,
-    )
+    await publish_from_worker(resources, user_id, "workflow_run", [change])
 
 
 def workflow_jobs(settings: Settings) -> JobSet:
