@@ -3,12 +3,15 @@
 :func:`insert_events` is the one INSERT of events, used by the API's chunks, the dead-letter
 replayer and the worker (``emit_event`` steps)::
 
-    INSERT INTO events (...) SELECT ... FROM unnest($2::text[], ...)
+    INSERT INTO events (...) SELECT ... FROM json_to_recordset($2::json) AS u(...)
     ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING ...
 
-Five array parameters whatever the number of rows (no 32,767-parameter ceiling, one plan
-cached by asyncpg), and idempotent: a key stored before is skipped, so a retried or replayed
-write stores each event once.
+The rows travel as one JSON array (msgspec encodes the validated ``EventIn`` structs in one C
+call) whatever their number: no 32,767-parameter ceiling, one plan cached by asyncpg. It is
+idempotent: a key stored before is skipped, so a retried or replayed write stores each event
+once. One JSON text rather than five ``unnest`` arrays because asyncpg encodes arrays element
+by element in the API process: 3.3 µs of its CPU per row against 1.4 µs, for the same rows per
+second out of PostgreSQL (D57).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ __all__ = ["find_by_keys", "insert_events", "stored_from_rows"]
 
 _INSERT = text(
     """
-    INSERT INTO events (user_id, idempotency_key, type, source, payload, occurred_at)
-    SELECT CAST(:user_id AS uuid), u.k, u.t, u.s, CAST(u.p AS jsonb), u.o
-    FROM unnest(CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:sources AS text[]),
-                CAST(:payloads AS text[]), CAST(:occurred AS timestamptz[])) AS u(k, t, s, p, o)
+    INSERT INTO events (user_id, idempotency_key, type, source, payload, occurred_at, received_at)
+    SELECT CAST(:user_id AS uuid), u.idempotency_key, u.type, u.source, COALESCE(u.payload, '{}'),
+           COALESCE(u.occurred_at, CAST(:now AS timestamptz)), CAST(:now AS timestamptz)
+    FROM json_to_recordset(CAST(:rows AS json))
+         AS u(idempotency_key text, type text, source text, payload jsonb, occurred_at timestamptz)
     ON CONFLICT (user_id, idempotency_key) DO NOTHING
-    RETURNING id, idempotency_key, received_at
+    RETURNING id, idempotency_key
     """
 )
 _BY_KEYS = text(
@@ -49,35 +53,24 @@ async def insert_events(
 ) -> list[StoredEvent]:
     """Insert ``items`` for ``user_id`` in one statement within the session's transaction (the
     caller commits); returns the events newly stored, in input order. Items whose idempotency
-    key is already stored (or repeated in ``items``) are skipped. An item without
-    ``occurred_at`` gets ``now`` (default: the current time)."""
+    key is already stored (or repeated in ``items``) are skipped. Every row's ``received_at`` is
+    ``now`` (default: the current time), as is the ``occurred_at`` of an item without one: one
+    instant per statement, so only ``(id, key)`` need to come back, not a timestamp per row."""
     if not items:
         return []
     default = now or datetime.now(UTC)
     occurred = [e.occurred_at or default for e in items]
-    rows = (
-        await session.execute(
-            _INSERT,
-            {
-                "user_id": user_id,
-                "keys": [e.idempotency_key for e in items],
-                "types": [e.type for e in items],
-                "sources": [e.source for e in items],
-                "payloads": [_encode(e.payload).decode() for e in items],
-                "occurred": occurred,
-            },
-        )
-    ).all()
+    rows = (await session.execute(_INSERT, {"user_id": user_id, "rows": _encode(items).decode(), "now": default})).all()
     # Unpacked by position: a Row's attribute access costs a lookup per field, per row.
-    returned = {key: (event_id, at) for event_id, key, at in rows}
+    returned = {key: event_id for event_id, key in rows}
     stored = []
     for e, at in zip(items, occurred, strict=True):
-        hit = returned.pop(e.idempotency_key, None)  # pop: a key repeated in items is stored once
-        if hit is not None:
+        event_id = returned.pop(e.idempotency_key, None)  # pop: a key repeated in items is stored once
+        if event_id is not None:
             stored.append(
                 StoredEvent(
-                    id=hit[0], idempotency_key=e.idempotency_key, type=e.type, source=e.source,
-                    payload=e.payload, occurred_at=at, received_at=hit[1],
+                    id=event_id, idempotency_key=e.idempotency_key, type=e.type, source=e.source,
+                    payload=e.payload, occurred_at=at, received_at=default,
                 )
             )  # fmt: skip
     return stored
