@@ -274,7 +274,8 @@ class Settings:
     trimmed with ``MAXLEN ~``; the same number in memory per instance while Redis is down)."""
 
     realtime_history_ttl_seconds: int = 86_400
-    """A user's history expires this long after their last message."""
+    """A user's history expires this long after their last message. It is written only while
+    the user has an audience: a WebSocket client connected now or within this long (D58)."""
 
     realtime_send_queue_size: int = 256
     """Messages waiting for one slow WebSocket client; when full the connection is closed with

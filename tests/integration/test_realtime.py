@@ -259,6 +259,8 @@ async def test_history_is_bounded_and_a_client_beyond_it_is_told_to_resync(
     app = realtime_app(migrated_url, redis_server.url(), realtime_history_size=10)
     user = uuid.uuid4()
     with running_server(app) as base:
+        ws, _ = await open_socket(base, app, user)  # the user now has an audience
+        await ws.close()
         ids = await publish(base, user, [{"n": n} for n in range(500)])
         length = await redis.xlen(stream_key(user))
         assert 10 <= length <= 110
@@ -268,6 +270,34 @@ async def test_history_is_bounded_and_a_client_beyond_it_is_told_to_resync(
         await ws.close()
         ws, history = await open_socket(base, app, user, last_id=ids[-3])
         assert [m["data"]["n"] for m in history] == [498, 499]
+        await ws.close()
+
+
+async def test_nothing_is_written_for_a_user_without_an_audience(
+    migrated_url: str, redis_server: EmbeddedRedis, redis: aioredis.Redis
+) -> None:
+    """A user none of whose clients connected within the history TTL has no audience: publishing
+    to them writes no history and returns no id (a backend ingesting batches for such users
+    costs Redis nothing). A first connection creates the audience: later messages are kept and
+    delivered, and outlive the connection (a client resuming after a disconnect gets what it
+    missed). A client resuming from an id older than the audience is told to resync, since
+    messages from before it were not kept."""
+    app = realtime_app(migrated_url, redis_server.url())
+    user = uuid.uuid4()
+    with running_server(app) as base:
+        assert await publish(base, user, [{"n": 0}]) == [None]
+        assert await redis.exists(stream_key(user)) == 0
+        ws, _ = await open_socket(base, app, user)
+        (first,) = await publish(base, user, [{"n": 1}])
+        assert (await recv(ws))["id"] == first
+        await ws.close()
+        (second,) = await publish(base, user, [{"n": 2}])
+        assert second is not None and await redis.xlen(stream_key(user)) == 2
+        ws, history = await open_socket(base, app, user, last_id=first)
+        assert [m["data"]["n"] for m in history] == [2]
+        await ws.close()
+        ws, history = await open_socket(base, app, user, last_id="1000-0")
+        assert history[0] == {"type": "resync"} and [m["data"]["n"] for m in history[1:]] == [1, 2]
         await ws.close()
 
 

@@ -7,6 +7,16 @@ client read the history after its last id and then switch to live messages with 
 nor a duplicate (see :mod:`service.domain.realtime.hub`).
 
 Message ids are Redis stream ids, ``"<milliseconds>-<sequence>"``, increasing per user.
+
+Audience. A user's messages are appended and published only while the user has an *audience*:
+a presence key (``vigil:rt:present:<user>``) that every WebSocket connection of the user creates
+and keeps alive (refreshed while connected and when it closes, expiring one history TTL after
+the last connection went away). Without one nobody is listening and nobody holds a message id
+to resume from, so the history would be written for no one: a backend that ingests batches for
+users without a browser open costs Redis nothing (D58). The presence key holds the Redis time
+(ms) it was created; a client resuming from an id older than that may have missed skipped
+messages, and is told ``gap`` (reload through the REST API), exactly as when its id is older
+than the history reaches.
 """
 
 from __future__ import annotations
@@ -29,9 +39,13 @@ __all__ = [
     "MessageId",
     "append_and_publish_many",
     "channel_key",
+    "check_kind",
     "encode_body",
     "frame",
+    "has_audience",
+    "mark_present",
     "parse_id",
+    "presence_key",
     "publish_many_via_redis",
     "publish_via_redis",
     "read_history",
@@ -48,13 +62,15 @@ _ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _log = get_logger("vigil.realtime")
 
 # Appends messages of one kind to the user's stream and publishes each on the user's channel.
-# KEYS: stream, channel. ARGV: kind, maxlen, ttl ms, then the bodies (JSON objects starting with
-# {"kind") joined by newlines (JSON bodies contain none: newlines inside strings are escaped),
-# as ONE argument: redis-py packs each argument separately, and packing 1,000 of them cost more
-# than the script. The channel carries "<id>\n<kind>\n<frame>" so subscribers route without
-# parsing JSON. Returns the ids in order, comma-joined (one bulk string parses faster than a
-# 1,000-element array).
+# KEYS: stream, channel, presence. Nothing is written while the presence key is missing (no
+# audience: see the module docstring); returns "" then. ARGV: kind, maxlen, ttl ms, then the
+# bodies (JSON objects starting with {"kind") joined by newlines (JSON bodies contain none:
+# newlines inside strings are escaped), as ONE argument: redis-py packs each argument
+# separately, and packing 1,000 of them cost more than the script. The channel carries
+# "<id>\n<kind>\n<frame>" so subscribers route without parsing JSON. Returns the ids in order,
+# comma-joined (one bulk string parses faster than a 1,000-element array).
 _PUBLISH_MANY_LUA = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return '' end
 local ids = {}
 for body in string.gmatch(ARGV[4], '[^\\n]+') do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'k', ARGV[1], 'b', body)
@@ -65,6 +81,32 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return table.concat(ids, ',')
 """
+
+
+# Creates the presence key if missing, holding the Redis time in ms (one clock with the stream
+# ids it is compared to), and (re)sets its TTL. KEYS: presence. ARGV: ttl ms. Returns the
+# creation time.
+_MARK_PRESENT_LUA = """
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), 'NX')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return redis.call('GET', KEYS[1])
+"""
+
+
+def presence_key(user_id: uuid.UUID) -> str:
+    return f"vigil:rt:present:{user_id}"
+
+
+async def mark_present(redis: aioredis.Redis, user_id: uuid.UUID, ttl_seconds: int) -> int:
+    """Give the user an audience for ``ttl_seconds`` more; when it began (Redis time, ms)."""
+    raw = await redis.register_script(_MARK_PRESENT_LUA)(keys=[presence_key(user_id)], args=[ttl_seconds * 1000])
+    return int(raw)
+
+
+async def has_audience(redis: aioredis.Redis, user_id: uuid.UUID) -> bool:
+    """Whether any client of the user is (or was, within the history TTL) connected."""
+    return bool(await redis.exists(presence_key(user_id)))
 
 
 def stream_key(user_id: uuid.UUID) -> str:
@@ -85,10 +127,15 @@ def format_id(mid: MessageId) -> str:
     return f"{mid[0]}-{mid[1]}"
 
 
-def encode_body(kind: str, data: Any) -> str:
-    """``{"kind": …, "data": …}`` as JSON (msgspec: datetimes, UUIDs and Structs encode)."""
+def check_kind(kind: str) -> None:
+    """ValueError unless ``kind`` is one of :data:`KINDS`."""
     if kind not in KINDS:
         raise ValueError(f"unknown realtime kind {kind!r}; expected one of {sorted(KINDS)}")
+
+
+def encode_body(kind: str, data: Any) -> str:
+    """``{"kind": …, "data": …}`` as JSON (msgspec: datetimes, UUIDs and Structs encode)."""
+    check_kind(kind)
     return msgspec.json.encode({"kind": kind, "data": data}).decode()
 
 
@@ -112,18 +159,20 @@ async def append_and_publish_many(
     history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
 ) -> list[str]:
     """Append messages to the user's history and publish them on their channel, in ONE script
-    call (EVALSHA, EVAL again once a restarted Redis has lost its scripts); their ids, in order.
+    call (EVALSHA, EVAL again once a restarted Redis has lost its scripts); their ids, in order,
+    or ``[]`` when the user has no audience (nothing written).
     A batch of 1,000 events costs one command, not 1,000: a pipeline of per-message calls cost
     ~20 µs per event in redis-py's packing and parsing alone (``bench/events_ingest.py``).
     Raises :class:`redis.exceptions.RedisError` (or ``OSError``) when Redis is unreachable."""
     if not bodies:
         return []
     raw = await redis.register_script(_PUBLISH_MANY_LUA)(
-        keys=[stream_key(user_id), channel_key(user_id)],
+        keys=[stream_key(user_id), channel_key(user_id), presence_key(user_id)],
         args=[kind, history_size, history_ttl_seconds * 1000, "\n".join(bodies)],
     )
     # One comma-joined string, not an array: parsing 1,000 RESP elements costs more than a split.
-    return (raw.decode() if isinstance(raw, bytes) else str(raw)).split(",")
+    joined = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return joined.split(",") if joined else []
 
 
 async def publish_via_redis(
@@ -136,9 +185,10 @@ async def publish_via_redis(
     history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
 ) -> str | None:
     """Push ``data`` to every connected client of ``user_id`` on any instance (for processes
-    without WebSockets, such as the worker). Returns the message id, or None when Redis is
-    unreachable: real-time delivery is best effort (the data itself is in PostgreSQL), so this
-    never raises for an outage; one log line per change of state, not per message.
+    without WebSockets, such as the worker). Returns the message id, or None when the user has
+    no audience (nothing to deliver) or Redis is unreachable: real-time delivery is best effort
+    (the data itself is in PostgreSQL), so this never raises for an outage; one log line per
+    change of state, not per message.
 
     ``kind`` must be one of :data:`KINDS` (ValueError otherwise)."""
     ids = await publish_many_via_redis(
@@ -157,12 +207,17 @@ async def publish_many_via_redis(
     history_ttl_seconds: int = DEFAULT_HISTORY_TTL_SECONDS,
 ) -> list[str] | None:
     """:func:`publish_via_redis` for several messages of one user, in order, in one script call
-    (the worker's events listener pushes a replayed or emitted batch this way)."""
-    bodies = [encode_body(kind, data) for data in items]
+    (the worker's events listener pushes a replayed or emitted batch this way); ``[]`` when the
+    user has no audience."""
+    check_kind(kind)
     try:
-        ids = await append_and_publish_many(
-            redis, user_id, kind, bodies, history_size=history_size, history_ttl_seconds=history_ttl_seconds
-        )
+        if not await has_audience(redis, user_id):  # checked first: no encoding for no one
+            ids: list[str] = []
+        else:
+            bodies = [encode_body(kind, data) for data in items]
+            ids = await append_and_publish_many(
+                redis, user_id, kind, bodies, history_size=history_size, history_ttl_seconds=history_ttl_seconds
+            )
     except (RedisError, OSError) as exc:
         if not _State.failing:
             _State.failing = True

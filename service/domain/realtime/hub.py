@@ -125,6 +125,7 @@ class RealtimeHub:
         self._pubsub: Any = None
         self._confirmed: dict[bytes, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._ready = asyncio.Event()
         """Set once the pub/sub connection exists (redis-py would open two if two coroutines
@@ -139,10 +140,12 @@ class RealtimeHub:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="realtime-fanout")
+        self._presence_task = asyncio.create_task(self._refresh_presence(), name="realtime-presence")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, self._presence_task) if t is not None]
+        self._task = self._presence_task = None
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(task, 5.0)
@@ -154,30 +157,36 @@ class RealtimeHub:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    async def publish(self, user_id: uuid.UUID, kind: str, data: Any) -> str:
+    async def publish(self, user_id: uuid.UUID, kind: str, data: Any) -> str | None:
         """Deliver ``data`` to ``user_id``'s clients on every instance (this one only while
-        Redis is down); the message id. Never raises for an outage."""
-        [mid] = await self.publish_many(user_id, kind, [data])
-        return mid
+        Redis is down); the message id, or None when the user has no audience (no client
+        connected within the history TTL: nothing is written). Never raises for an outage."""
+        ids = await self.publish_many(user_id, kind, [data])
+        return ids[0] if ids else None
 
     async def publish_many(self, user_id: uuid.UUID, kind: str, items: Sequence[Any]) -> list[str]:
         """:meth:`publish` for several messages to one user, in order, with one Redis round trip
-        (the events listener sends a whole batch this way)."""
-        bodies = [fanout.encode_body(kind, data) for data in items]
-        if not bodies:
+        (the events listener sends a whole batch this way); ``[]`` without an audience."""
+        fanout.check_kind(kind)
+        if not items:
             return []
         if self.backend == "redis":
             try:
-                return await asyncio.wait_for(
-                    fanout.append_and_publish_many(
-                        self.redis, user_id, kind, bodies,
-                        history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
-                    ),
-                    timeout=self.subscribe_timeout,
-                )  # fmt: skip
+                return await asyncio.wait_for(self._publish_via_redis(user_id, kind, items), self.subscribe_timeout)
             except _REDIS_ERRORS as exc:
                 self._to_local("publish_failed", exc)
-        return [self._publish_locally(user_id, kind, body) for body in bodies]
+        return [self._publish_locally(user_id, kind, fanout.encode_body(kind, data)) for data in items]
+
+    async def _publish_via_redis(self, user_id: uuid.UUID, kind: str, items: Sequence[Any]) -> list[str]:
+        # The audience is checked before encoding: a batch for a user nobody listens to costs
+        # one EXISTS, not 1,000 encodings and a 200 kB script call (the script checks again).
+        if not await fanout.has_audience(self.redis, user_id):
+            return []
+        bodies = [fanout.encode_body(kind, data) for data in items]
+        return await fanout.append_and_publish_many(
+            self.redis, user_id, kind, bodies,
+            history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
+        )  # fmt: skip
 
     def _publish_locally(self, user_id: uuid.UUID, kind: str, body: str) -> str:
         now_ms = int(time.time() * 1000)
@@ -208,12 +217,17 @@ class RealtimeHub:
         history = History(frames=[], gap=False)
         if self.backend == "redis":
             try:
+                since = await asyncio.wait_for(
+                    fanout.mark_present(self.redis, user_id, self.history_ttl_seconds), self.subscribe_timeout
+                )
                 await self._subscribe(user_id)
                 if last_id is not None:
                     history = await fanout.read_history(
                         self.redis, user_id, last_id,
                         history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
                     )  # fmt: skip
+                    if last_id[0] < since:  # messages before the audience began were not kept
+                        history = History(frames=history.frames, gap=True)
             except _REDIS_ERRORS as exc:
                 self._to_local("subscribe_failed", exc)
         if last_id is not None:
@@ -246,6 +260,8 @@ class RealtimeHub:
         if conns:
             return
         del self.connections[conn.user_id]
+        # The audience outlives the last connection by one history TTL, so the client can resume.
+        await self._keep_present([conn.user_id])
         channel = fanout.channel_key(conn.user_id).encode()
         # Under the lock, and re-checked: a reconnect racing this must not lose its SUBSCRIBE
         # to a later UNSUBSCRIBE.
@@ -268,6 +284,25 @@ class RealtimeHub:
                 confirmed = self._confirmed[channel] = asyncio.Event()
                 await self._pubsub.subscribe(channel)
         await asyncio.wait_for(confirmed.wait(), self.subscribe_timeout)
+
+    # --- presence (the audience of fanout's module docstring) -----------------------------------
+
+    async def _keep_present(self, users: Sequence[uuid.UUID]) -> None:
+        """Extend the users' audience by one history TTL (best effort: a Redis outage is the
+        reader's business, and a lapsed audience only makes a resuming client reload)."""
+        for user_id in users:
+            try:
+                await asyncio.wait_for(
+                    fanout.mark_present(self.redis, user_id, self.history_ttl_seconds), self.subscribe_timeout
+                )
+            except _REDIS_ERRORS:
+                return
+
+    async def _refresh_presence(self) -> None:
+        """Keep the audience of every user connected here alive (three times per TTL)."""
+        while True:
+            await asyncio.sleep(max(1.0, self.history_ttl_seconds / 3))
+            await self._keep_present(list(self.connections))
 
     # --- the pub/sub reader ----------------------------------------------------------------------
 
@@ -308,6 +343,8 @@ class RealtimeHub:
             await self._await_confirmations(pubsub, set(channels), held)
             # Live messages that arrived with the confirmations wait until the history is out,
             # or the dedupe by id would swallow the older history entries.
+            for user_id in missing:  # raising, as the catch-up does: the reader retries
+                await fanout.mark_present(self.redis, user_id, self.history_ttl_seconds)
             await self._catch_up(missing)
             for message in held:
                 self._handle(message)
