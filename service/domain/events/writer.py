@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,23 +127,23 @@ class EventWriter:
                 assert head is not None
                 results[i] = Outcome("duplicate", head.event) if head.status in ("stored", "duplicate") else head
         done = [r for r in results if r is not None]
-        for status in OUTCOMES:
-            self.count(path, status, sum(1 for r in done if r.status == status))
+        for status, n in Counter(r.status for r in done).items():
+            self.count(path, status, n)
         return done
 
     async def _commit(self, user_id: uuid.UUID, chunk: list[EventIn]) -> list[Outcome]:
-        async def attempt() -> tuple[list[StoredEvent], dict[str, StoredEvent]]:
+        async def attempt() -> tuple[dict[str, StoredEvent], dict[str, StoredEvent]]:
             async with self.db.session() as session:
                 stored = await insert_events(session, user_id, chunk)
-                seen = {e.idempotency_key for e in stored}
-                dupes = await find_by_keys(session, user_id, [k for e in chunk if (k := e.idempotency_key) not in seen])
+                by_key = {e.idempotency_key: e for e in stored}
+                missing = [k for e in chunk if (k := e.idempotency_key) not in by_key]
+                dupes = await find_by_keys(session, user_id, missing)
                 await session.commit()
-            return stored, dupes
+            return by_key, dupes
 
-        stored, dupes = await self.db.retrier.run("events_insert", attempt)
-        if stored:
-            self.notify(user_id, stored)
-        by_key = {e.idempotency_key: e for e in stored}
+        by_key, dupes = await self.db.retrier.run("events_insert", attempt)
+        if by_key:
+            self.notify(user_id, list(by_key.values()))
         out = []
         for e in chunk:
             if e.idempotency_key in by_key:
