@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from telemetry.logging import get_logger, json_lines, request_id_var, write_json_line
 from telemetry.metrics import Metrics
+from telemetry.spans import LeanTracer
 
 __all__ = ["UNMATCHED_ROUTE", "HttpTelemetry"]
 
@@ -38,7 +39,9 @@ ASGIApp = Any
 class HttpTelemetry:
     """ASGI wrapper measuring every HTTP request. WebSocket and lifespan pass through."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, tracer: trace.Tracer, access_log: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, tracer: LeanTracer | trace.Tracer, access_log: bool = True
+    ) -> None:
         self.app = app
         self._tracer = tracer
         self._duration = metrics.histogram("http_server_request_duration_seconds")
@@ -138,8 +141,9 @@ class HttpTelemetry:
             if span.is_recording():
                 if route != UNMATCHED_ROUTE:
                     span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
+                    span.set_attributes({"http.route": route, "http.response.status_code": status})
+                else:
+                    span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
             child = self._duration_child(method, route, status)

@@ -21,6 +21,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from telemetry.spans import LeanTracer
+
 __all__ = ["instrument_engine", "instrument_redis", "setup_tracing"]
 
 _provider: TracerProvider | None = None
@@ -56,7 +58,7 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
     Wrapping the dialect's three execute methods costs about 115 µs (docs/decisions.md, D14):
     attributes are computed once per engine, span names once per statement text, and nothing
     is recorded when the current trace is not sampled or instrumentation is suppressed."""
-    tracer = provider.get_tracer("vigil.db")
+    tracer = LeanTracer(provider, "vigil.db")
     url = engine.sync_engine.url
     attributes: dict[str, Any] = {"db.system.name": "postgresql", "db.system": "postgresql"}
     for key, val in (("db.namespace", url.database), ("server.address", url.host), ("server.port", url.port)):
@@ -79,8 +81,10 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
             parent = trace.get_current_span().get_span_context()
             if not parent.trace_flags.sampled or not is_instrumentation_enabled():
                 return original(cursor, statement, *args, **kwargs)
-            span = tracer.start_span(span_name(statement), kind=SpanKind.CLIENT, attributes=attributes)
-            span.set_attribute("db.query.text", statement)  # asyncpg binds values as $n: no data here
+            # asyncpg binds values as $n: no data in the statement text
+            span = tracer.start_span(
+                span_name(statement), kind=SpanKind.CLIENT, attributes={**attributes, "db.query.text": statement}
+            )
             try:
                 return original(cursor, statement, *args, **kwargs)
             except BaseException as exc:
