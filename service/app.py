@@ -6,6 +6,8 @@ lifespan; they live on ``app.state.vigil`` (:class:`Resources`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import importlib
 import importlib.metadata
@@ -39,8 +41,9 @@ from service.probes import DependencyProber
 from service.problems import exception_handlers
 from service.settings import Settings, SettingsError
 from telemetry.http import HttpTelemetry
-from telemetry.logging import configure_logging, get_logger
+from telemetry.logging import access_lines, configure_logging, get_logger
 from telemetry.metrics import Metrics, render
+from telemetry.spans import LeanTracer
 from telemetry.tracing import instrument_engine, instrument_redis, setup_tracing
 
 __all__ = ["Resources", "create_app", "version"]
@@ -104,7 +107,7 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
     if not settings.database_url or not settings.redis_url:
         raise SettingsError("VIGIL_DATABASE_URL and VIGIL_REDIS_URL must be resolved before create_app")
     findings = settings.enforce()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, access_flush_seconds=settings.access_log_flush_seconds)
     for finding in findings:
         _log.warning("unsafe_setting", setting=finding.setting, problem=finding.problem, env=settings.env)
 
@@ -156,10 +159,14 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
                 )
         resources.prober.start()
         resources.breakers.start()
+        flusher = asyncio.create_task(access_lines.run(), name="access-log-flush")
         _log.info("vigil_started", version=ver, env=settings.env)
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             await resources.prober.stop()
             await resources.breakers.stop()
             await resources.redis.aclose()
@@ -183,6 +190,6 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
     )
     # Outside Litestar's router so 404s and 405s are measured too (see telemetry.http).
     app.asgi_handler = HttpTelemetry(  # type: ignore[assignment]  # an ASGI app; Litestar's alias is narrower
-        app.asgi_handler, metrics, provider.get_tracer("vigil.http"), access_log=settings.access_log
+        app.asgi_handler, metrics, LeanTracer(provider, "vigil.http"), access_log=settings.access_log
     )
     return app

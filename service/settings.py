@@ -431,6 +431,11 @@ class Settings:
     access_log: bool = True
     """One structured log line per HTTP request."""
 
+    access_log_flush_seconds: float = 0.5
+    """Access lines wait in memory at most this long (or until 256 wait) and are written
+    together: one write per batch instead of a system call per request (D59). A crash loses at
+    most this long of access lines; other log lines are written at once. 0: each line at once."""
+
     trace_sample_ratio: float = 1.0
     """Share of new traces sampled (parent-based: an incoming sampled ``traceparent`` is
     always honoured). Spans are exported only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""

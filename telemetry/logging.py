@@ -7,8 +7,11 @@ key/values. Uses structlog directly, not Litestar's structlog plugin (gone in Li
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +20,15 @@ import msgspec
 import structlog
 from opentelemetry import trace
 
-__all__ = ["configure_logging", "get_logger", "json_lines", "request_id_var", "write_json_line"]
+__all__ = [
+    "AccessLines",
+    "access_lines",
+    "configure_logging",
+    "get_logger",
+    "json_lines",
+    "request_id_var",
+    "write_json_line",
+]
 
 #: The id of the HTTP request being served (its ``X-Request-ID``, or else its trace id).
 request_id_var: ContextVar[str | None] = ContextVar("vigil_request_id", default=None)
@@ -34,17 +45,63 @@ def write_json_line(fields: dict[str, Any]) -> None:
     """Write one log line as structlog's JSON renderer would, without its processor chain.
 
     For the per-request access line only (it is ~40 µs cheaper): ``fields`` must already carry
-    ``event``, ``level`` and the correlation ids."""
-    fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    out = sys.stdout
-    buffer = getattr(out, "buffer", None)
-    line = _encoder.encode(fields) + b"\n"
-    if buffer is not None:
-        buffer.write(line)
-        buffer.flush()
-    else:
-        out.write(line.decode())
-        out.flush()
+    ``event``, ``level`` and the correlation ids. The line goes through :data:`access_lines`
+    (written at once, or batched: :class:`AccessLines`)."""
+    fields["timestamp"] = datetime.now(UTC)  # msgspec writes it as structlog does: ...T12:00:00.123456Z
+    access_lines.add(_encoder.encode(fields) + b"\n")
+
+
+class AccessLines:
+    """Where access lines wait before they reach standard output.
+
+    With ``interval`` 0 each line is written and flushed at once. Otherwise lines are kept in
+    memory and written together, one write per batch instead of a system call per request
+    (about 8 µs of CPU per request here, D59), as nginx's ``access_log … buffer= flush=`` does:
+    when ``interval`` seconds have passed since the last write, when ``max_lines`` wait, by
+    the application's periodic :meth:`run` task while idle, and at shutdown (:meth:`flush`,
+    also registered with ``atexit``). A crash loses at most ``interval`` seconds of access
+    lines; every other log line is written at once."""
+
+    def __init__(self, interval: float = 0.0, max_lines: int = 256) -> None:
+        self.interval, self.max_lines = interval, max_lines
+        self._pending: list[bytes] = []
+        self._last = time.monotonic()
+
+    def add(self, line: bytes) -> None:
+        self._pending.append(line)
+        if self.interval <= 0 or len(self._pending) >= self.max_lines or time.monotonic() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what waits (to whatever ``sys.stdout`` is now: test capture swaps it)."""
+        self._last = time.monotonic()
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
+        out = sys.stdout
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:
+            out.write(data.decode())
+            out.flush()
+
+    async def run(self) -> None:
+        """Flush every ``interval`` seconds until cancelled (lines never wait longer while idle)."""
+        if self.interval <= 0:
+            return
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                self.flush()
+        finally:
+            self.flush()
+
+
+access_lines = AccessLines()
+"""The process's access lines (:func:`configure_logging` sets their interval)."""
+atexit.register(access_lines.flush)
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -87,9 +144,14 @@ class _StdoutBytes:
         sys.stdout.flush()
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog for the process (idempotent). ``fmt`` is json, console or auto."""
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: Any = None, access_flush_seconds: float = 0.0
+) -> None:
+    """Configure structlog for the process (idempotent). ``fmt`` is json, console or auto;
+    ``access_flush_seconds``: how long access lines may wait in memory (:class:`AccessLines`)."""
     global _json_lines
+    access_lines.flush()
+    access_lines.interval = access_flush_seconds
     if fmt == "auto":
         fmt = "console" if getattr(stream or sys.stdout, "isatty", lambda: False)() else "json"
     # The fast path skips structlog's level filter, so it only runs when info lines are wanted.

@@ -29,6 +29,7 @@ from service.domain.auth.tokens import AuthUser
 from service.domain.realtime import CLOSE_CODES, publish_via_redis
 from service.domain.realtime.fanout import stream_key
 from service.embedded import EmbeddedRedis
+from telemetry.logging import access_lines
 from tests.integration.test_events import add_user, bearer
 from tests.support import eventually, running_server, settings_for, value
 
@@ -199,6 +200,7 @@ async def test_each_user_gets_their_own_messages_and_no_token_is_logged_or_trace
         await ws.close()
     await eventually(lambda: _gauge_is(base, "realtime_connections", 0))
 
+    access_lines.flush()  # access lines are written in batches
     out, err = capfd.readouterr()
     assert '"http_request"' in out  # the server's log lines were captured
     for secret in (header_token, message_token):
