@@ -22,7 +22,8 @@ from service.problems import ServiceUnavailable
 __all__ = ["AdminController"]
 
 
-def admin_token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: ``Authorization: Bearer <VIGIL_ADMIN_TOKEN>`` (a coroutine: see ``requires_user``)."""
     token = connection.app.state.vigil.settings.admin_token
     if not token:
         raise PermissionDeniedException("The admin API is disabled: VIGIL_ADMIN_TOKEN is not set.")

@@ -89,8 +89,11 @@ class AuthenticationMiddleware(ASGIMiddleware):
         await next_app(scope, receive, send)
 
 
-def requires_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: the route needs an authenticated caller (401 + ``WWW-Authenticate`` otherwise)."""
+async def requires_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the route needs an authenticated caller (401 + ``WWW-Authenticate`` otherwise).
+
+    A coroutine although it never awaits: Litestar runs a plain-function guard in its thread
+    pool (``sync_to_thread``), a thread hop on every authenticated request (D60)."""
     if connection.scope.get("user") is None:
         raise NotAuthorizedException(
             "Authentication required: send an access token as 'Authorization: Bearer <token>'.",
