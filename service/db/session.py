@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["provide_db_session"]
+from service.guardrails.database import DatabaseGuard
+
+__all__ = ["session_provider"]
 
 
-async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
-    """Yield a session through the database breaker (``guardrails.database``): refused with
-    503 + Retry-After while the breaker is open; a pool checkout that waits longer than
-    ``db_pool_timeout_seconds`` raises, which the error handlers answer with 503."""
-    async with state.vigil.db.session() as session:
-        yield session
+def session_provider(db: DatabaseGuard) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """The dependency for ``db``: it yields a session through the database breaker
+    (``guardrails.database``), refused with 503 + Retry-After while the breaker is open; a pool
+    checkout that waits longer than ``db_pool_timeout_seconds`` raises, which the error handlers
+    answer with 503. A closure without parameters: a ``state: State`` parameter made Litestar
+    build two ``State`` objects and convert them on every request that reads the database."""
+
+    async def provide_db_session() -> AsyncIterator[AsyncSession]:
+        async with db.session() as session:
+            yield session
+
+    return provide_db_session
