@@ -65,7 +65,7 @@ class HttpTelemetry:
         return child
 
     def _access(
-        self, method: str, route: str, path: str, status: int, elapsed: float, rid: str, ctx: trace.SpanContext
+        self, method: str, route: str, path: str, status: int, elapsed: float, rid: str, trace_hex: str, span_id: int
     ) -> None:
         duration_ms = round(elapsed * 1000, 3)
         if not json_lines():
@@ -83,8 +83,8 @@ class HttpTelemetry:
                 "event": "http_request",
                 "level": "info",
                 "request_id": rid,
-                "trace_id": format(ctx.trace_id, "032x"),
-                "span_id": format(ctx.span_id, "016x"),
+                "trace_id": trace_hex,
+                "span_id": format(span_id, "016x"),
             }
         )
 
@@ -113,7 +113,8 @@ class HttpTelemetry:
             attributes={"http.request.method": method, "url.path": scope["path"], "url.scheme": scope["scheme"]},
         )
         span_ctx = span.get_span_context()
-        request_id = incoming_rid or format(span_ctx.trace_id, "032x")
+        trace_hex = format(span_ctx.trace_id, "032x")  # formatted once: request id, exemplar, log
+        request_id = incoming_rid or trace_hex
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         rid_token = request_id_var.set(request_id)
         active = self._active_child(method)
@@ -148,11 +149,11 @@ class HttpTelemetry:
                     span.set_status(Status(StatusCode.ERROR))
             child = self._duration_child(method, route, status)
             if span_ctx.trace_flags.sampled:
-                child.observe(elapsed, {"trace_id": format(span_ctx.trace_id, "032x")})
+                child.observe(elapsed, {"trace_id": trace_hex})
             else:
                 child.observe(elapsed)
             if self._access_log:
-                self._access(method, route, scope["path"], status, elapsed, request_id, span_ctx)
+                self._access(method, route, scope["path"], status, elapsed, request_id, trace_hex, span_ctx.span_id)
             span.end()
             request_id_var.reset(rid_token)
             otel_context.detach(token)
