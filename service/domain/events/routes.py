@@ -34,7 +34,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 from opentelemetry import trace
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -189,7 +189,9 @@ def _key_of(raw: bytes) -> str | None:
 async def list_events(
     request: Request[Any, Any, State],
     state: State,
-    event_type: Annotated[str | None, Parameter(query="type", max_length=200, description="Only this type.")] = None,
+    event_type: Annotated[
+        str | None, QueryParameter(name="type", max_length=200, description="Only this type.")
+    ] = None,
     source: Annotated[str | None, Parameter(max_length=200, description="Only this source.")] = None,
     since: Annotated[datetime | None, Parameter(description="occurred_at >= since.")] = None,
     until: Annotated[datetime | None, Parameter(description="occurred_at < until.")] = None,

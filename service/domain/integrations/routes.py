@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Request, Router, delete, get, patch, post
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import FromPath, JSONBody
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -124,7 +125,11 @@ def _conflict(name: str) -> HTTPException:
 
 @post("/", status_code=201)
 async def create(
-    request: Request[Any, Any, State], state: State, data: IntegrationIn, db_session: AsyncSession, keyring: Keyring
+    request: Request[Any, Any, State],
+    state: State,
+    data: JSONBody[IntegrationIn],
+    db_session: NamedDependency[AsyncSession],
+    keyring: NamedDependency[Keyring],
 ) -> IntegrationOut:
     """Create an integration; its credentials are sealed before they reach the database."""
     user_id = _user(request)
@@ -162,7 +167,9 @@ async def list_integrations(request: Request[Any, Any, State], state: State) -> 
 
 
 @get("/{integration_id:uuid}")
-async def get_integration(request: Request[Any, Any, State], state: State, integration_id: uuid.UUID) -> IntegrationOut:
+async def get_integration(
+    request: Request[Any, Any, State], state: State, integration_id: FromPath[uuid.UUID]
+) -> IntegrationOut:
     """One of the caller's integrations."""
     user_id = _user(request)
 
@@ -177,10 +184,10 @@ async def get_integration(request: Request[Any, Any, State], state: State, integ
 async def update_integration(
     request: Request[Any, Any, State],
     state: State,
-    integration_id: uuid.UUID,
-    data: IntegrationPatch,
-    db_session: AsyncSession,
-    keyring: Keyring,
+    integration_id: FromPath[uuid.UUID],
+    data: JSONBody[IntegrationPatch],
+    db_session: NamedDependency[AsyncSession],
+    keyring: NamedDependency[Keyring],
 ) -> IntegrationOut:
     """Replace credentials (which reconnects a ``needs_reauth`` integration), base URL or name."""
     user_id = _user(request)
@@ -209,7 +216,10 @@ async def update_integration(
 
 @delete("/{integration_id:uuid}", status_code=204)
 async def delete_integration(
-    request: Request[Any, Any, State], state: State, integration_id: uuid.UUID, db_session: AsyncSession
+    request: Request[Any, Any, State],
+    state: State,
+    integration_id: FromPath[uuid.UUID],
+    db_session: NamedDependency[AsyncSession],
 ) -> None:
     """Delete the integration and its sealed credentials."""
     user_id = _user(request)

@@ -25,7 +25,7 @@ import msgspec
 from litestar import Request, Router, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ClientException, NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, Parameter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -207,7 +207,7 @@ async def _after_write(request: AnyRequest, action: str, user_id: uuid.UUID, tar
 
 
 @post("/suggestions/{suggestion_id:uuid}/accept", status_code=200)
-async def accept_suggestion(request: AnyRequest, state: State, suggestion_id: uuid.UUID) -> AcceptResult:
+async def accept_suggestion(request: AnyRequest, state: State, suggestion_id: FromPath[uuid.UUID]) -> AcceptResult:
     """Create the suggested workflow (idempotent: accepting again answers the same workflow)."""
     from service.domain.workflows.service import create_workflow  # the workflows domain, loaded on use
 
@@ -241,7 +241,7 @@ async def accept_suggestion(request: AnyRequest, state: State, suggestion_id: uu
 
 
 @post("/suggestions/{suggestion_id:uuid}/dismiss", status_code=200)
-async def dismiss_suggestion(request: AnyRequest, state: State, suggestion_id: uuid.UUID) -> SuggestionItem:
+async def dismiss_suggestion(request: AnyRequest, state: State, suggestion_id: FromPath[uuid.UUID]) -> SuggestionItem:
     """Hide the suggestion for good (dismissing again changes nothing)."""
     user_id = _user_id(request)
     async with state.vigil.db.session() as session, session.begin():
