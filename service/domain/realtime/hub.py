@@ -289,7 +289,11 @@ class RealtimeHub:
 
     async def _keep_present(self, users: Sequence[uuid.UUID]) -> None:
         """Extend the users' audience by one history TTL (best effort: a Redis outage is the
-        reader's business, and a lapsed audience only makes a resuming client reload)."""
+        reader's business, and a lapsed audience only makes a resuming client reload). Skipped
+        while the hub is local: Redis is known to be unreachable, and the reader marks every
+        connected user present when it reconnects."""
+        if self.backend != "redis":
+            return
         for user_id in users:
             try:
                 await asyncio.wait_for(
