@@ -172,21 +172,16 @@ class RealtimeHub:
             return []
         if self.backend == "redis":
             try:
-                return await asyncio.wait_for(self._publish_via_redis(user_id, kind, items), self.subscribe_timeout)
+                return await asyncio.wait_for(
+                    fanout.publish_to_audience(
+                        self.redis, user_id, kind, items,
+                        history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
+                    ),
+                    timeout=self.subscribe_timeout,
+                )  # fmt: skip
             except _REDIS_ERRORS as exc:
                 self._to_local("publish_failed", exc)
         return [self._publish_locally(user_id, kind, fanout.encode_body(kind, data)) for data in items]
-
-    async def _publish_via_redis(self, user_id: uuid.UUID, kind: str, items: Sequence[Any]) -> list[str]:
-        # The audience is checked before encoding: a batch for a user nobody listens to costs
-        # one EXISTS, not 1,000 encodings and a 200 kB script call (the script checks again).
-        if not await fanout.has_audience(self.redis, user_id):
-            return []
-        bodies = [fanout.encode_body(kind, data) for data in items]
-        return await fanout.append_and_publish_many(
-            self.redis, user_id, kind, bodies,
-            history_size=self.history_size, history_ttl_seconds=self.history_ttl_seconds,
-        )  # fmt: skip
 
     def _publish_locally(self, user_id: uuid.UUID, kind: str, body: str) -> str:
         now_ms = int(time.time() * 1000)
