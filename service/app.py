@@ -34,7 +34,7 @@ from service.guardrails.breaker_admin import BreakerRegistry
 from service.guardrails.cache import Cache
 from service.guardrails.config import cache_config, database_breaker_config, database_retry_config
 from service.guardrails.database import DatabaseGuard
-from service.guardrails.degradation import DegradableReads, stamp_degraded
+from service.guardrails.degradation import DegradableReads
 from service.guardrails.retry import Retrier
 from service.health import HealthController
 from service.probes import DependencyProber
@@ -183,7 +183,6 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
         # After every component's lifespan has started: see freeze_startup_heap.
         on_startup=[freeze_startup_heap],
         exception_handlers=exception_handlers(),
-        before_send=[stamp_degraded],
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
         request_max_body_size=settings.max_body_bytes,
         debug=False,

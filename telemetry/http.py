@@ -8,6 +8,11 @@ does the same work once per request (``bench/telemetry_overhead.py`` prints the 
 It wraps Litestar's whole ASGI handler, outside the router, so 404s and 405s are counted
 too; Litestar's router writes the matched template into ``scope["path_template"]``, which
 becomes ``http_route`` (``unmatched`` when no route matched: never the raw path).
+
+Because it sees every response start, it also adds the headers a request asked for on the way:
+``X-Request-ID``, and whatever a handler put under ``scope[RESPONSE_HEADERS]`` (the degraded
+marker of ``service.guardrails.degradation``). One send wrapper for all of them: a Litestar
+``before_send`` hook costs a coroutine per message on every request (D61).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from telemetry.logging import get_logger, json_lines, request_id_var, write_json
 from telemetry.metrics import Metrics
 from telemetry.spans import LeanTracer
 
-__all__ = ["UNMATCHED_ROUTE", "HttpTelemetry"]
+__all__ = ["RESPONSE_HEADERS", "UNMATCHED_ROUTE", "HttpTelemetry", "add_response_header"]
 
 UNMATCHED_ROUTE = "unmatched"
 # OpenTelemetry: methods outside the known set are reported as _OTHER (bounded label).
@@ -34,6 +39,15 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
 ASGIApp = Any
+
+#: Scope key of the extra response headers (a dict, name to value) :class:`HttpTelemetry` adds.
+RESPONSE_HEADERS = "vigil.response_headers"
+
+
+def add_response_header(scope: dict[str, Any], name: bytes, value: bytes) -> None:
+    """Have the response to ``scope`` carry ``name: value`` (once, whatever the handler
+    returns). Call it before the response starts."""
+    scope.setdefault(RESPONSE_HEADERS, {})[name] = value
 
 
 class HttpTelemetry:
@@ -126,7 +140,11 @@ class HttpTelemetry:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+                headers = [*message.get("headers", ()), rid_header]
+                extra = scope.get(RESPONSE_HEADERS)
+                if extra:
+                    headers += extra.items()
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

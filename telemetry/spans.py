@@ -37,6 +37,7 @@ from opentelemetry.util import types
 __all__ = ["LeanTracer"]
 
 _PLAIN = (str, bool, int, float)
+_UNSET = Status(StatusCode.UNSET)  # immutable: one for every new span
 
 
 class LeanTracer:
@@ -96,7 +97,7 @@ class _LeanSpan(trace.Span):
         self._kind = kind
         self._attributes = attributes
         self._events: list[Event] = []
-        self._status = Status(StatusCode.UNSET)
+        self._status = _UNSET
         self._start = time_ns()
         self._end: int | None = None
 

@@ -20,12 +20,14 @@ from sqlalchemy import exc as sa_exc
 from service.guardrails.cache import Cache
 from service.guardrails.database import DatabaseUnavailable
 from service.guardrails.retry import connection_lost
+from telemetry.http import add_response_header
 from telemetry.metrics import Metrics
 
-__all__ = ["DEGRADED_HEADER", "DegradableReads", "database_unavailable", "stamp_degraded"]
+__all__ = ["DEGRADED_HEADER", "DegradableReads", "database_unavailable"]
 
 T = TypeVar("T")
 DEGRADED_HEADER = "Vigil-Degraded"
+_DEGRADED_NAME = DEGRADED_HEADER.lower().encode()
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -61,16 +63,10 @@ class DegradableReads:
 
     def mark_degraded(self, request: Request[Any, Any, Any]) -> None:
         route = request.scope.get("path_template") or "unmatched"
-        request.state.degraded = True
+        add_response_header(request.scope, _DEGRADED_NAME, b"stale")  # type: ignore[arg-type]
         trace.get_current_span().add_event("degraded_response", {"route": route, "reason": "stale_cache"})
         if self._counter is not None:
             child = self._children.get(route)
             if child is None:
                 child = self._children[route] = self._counter.labels(route)
             child.inc()
-
-
-async def stamp_degraded(message: Any, scope: Any) -> None:
-    """Litestar ``before_send`` hook: a response marked degraded carries ``Vigil-Degraded: stale``."""
-    if message["type"] == "http.response.start" and scope.get("state", {}).get("degraded"):
-        message["headers"] = [*message.get("headers", ()), (b"vigil-degraded", b"stale")]
