@@ -387,7 +387,8 @@ class Settings:
 
     integrations_allow_private_networks: bool = False
     """Let integrations call loopback, private and link-local addresses (tests, local development).
-    Off: such base URLs and token URLs are refused with 422 (SSRF)."""
+    Off: such IP literals in base URLs and token URLs are refused with 422, and every connection
+    is refused unless all the addresses its host resolves to are public (SSRF, ``guardrails.egress``)."""
 
     integration_timeout_seconds: float = 10.0
     """Longest one outbound integration request (or token refresh) may take when the caller does

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -33,14 +34,16 @@ from service.domain.auth.tokens import AuthUser
 from service.domain.integrations.caller import (
     IntegrationCaller,
     IntegrationCredentialsUnreadable,
+    IntegrationError,
     IntegrationNeedsReauth,
     integration_caller,
 )
 from service.domain.integrations.jobs import RefreshConfig, integration_jobs
 from service.domain.integrations.keyring import CredentialsUnreadable, Keyring, generate_key_line
-from service.domain.integrations.service import create_integration, credentials_of
+from service.domain.integrations.service import create_integration, credentials_of, validate_url
 from service.embedded import EmbeddedRedis, free_port
 from service.guardrails.breaker_admin import BreakerRegistry
+from service.guardrails.egress import is_public_address, public_only_transport
 from service.settings import Settings
 from service.worker.app import WorkerOptions, WorkerRuntime
 from telemetry.metrics import Metrics
@@ -606,3 +609,72 @@ async def test_worker_refreshes_expiring_tokens_and_serves_integration_metrics(
         assert value(t, "circuit_breaker_state", breaker="integrations", state="closed") == 1
     finally:
         await engine.dispose()
+
+
+# --- egress: public addresses only (service.guardrails.egress) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+        ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+        ("240.0.0.1", False), ("::1", False), ("fe80::1%2", False), ("fc00::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("8.8.8.8", True),
+        ("93.184.216.34", True), ("2606:4700:4700::1111", True), ("::ffff:8.8.8.8", True),
+    ],
+)  # fmt: skip
+def test_only_globally_routable_unicast_addresses_are_public(address: str, public: bool) -> None:
+    """Loopback, private, link-local (cloud metadata), shared, unspecified, multicast and
+    reserved addresses are not public, in IPv4, IPv6 and IPv4-mapped IPv6 alike."""
+    assert is_public_address(address) is public
+
+
+async def test_spellings_and_names_of_private_addresses_are_refused_when_connecting(
+    engine: AsyncEngine, migrated_url: str, remote: Remote
+) -> None:
+    """With private networks not allowed, URLs the text check lets through (``127.1``, the
+    decimal ``2130706433``, a host name resolving to a private address) still never reach the
+    server: the call fails with an ``IntegrationError`` saying which address was refused, counted
+    as a ``transport_error`` and kept as the integration's ``last_error``."""
+    hostname = socket.gethostname()
+    resolved = {info[4][0] for info in socket.getaddrinfo(hostname, remote.port, type=socket.SOCK_STREAM)}
+    assert resolved and not any(is_public_address(str(a)) for a in resolved), f"{hostname} -> {resolved}"
+    strict = make_caller(migrated_url, engine, integrations_allow_private_networks=False)
+    try:
+        user = await new_user(engine)
+        key = "k-" + uuid.uuid4().hex
+        remote.api_keys.add(key)
+        names = {"short": f"http://127.1:{remote.port}", "decimal": f"http://2130706433:{remote.port}",
+                 "named": f"http://{hostname}:{remote.port}"}  # fmt: skip
+        ids = {}
+        for name, url in names.items():
+            validate_url(url, "base_url", allow_private=False)  # the text check accepts every one
+            ids[name] = await add_integration(engine, strict.keyring, user, "http_api_key", name, url, {"api_key": key})
+        for name in names:
+            with pytest.raises(IntegrationError, match="not a public address"):
+                await strict.call(user_id=user, integration=name, method="GET", path="/x")
+            assert "not a public address" in ((await row_of(engine, ids[name])).last_error or "")
+        assert remote.seen == []
+        text = scrape_of(strict)
+        assert value(text, "integration_calls_total", connector="http_api_key", outcome="transport_error") == 3
+    finally:
+        await strict.aclose()
+
+
+async def test_public_only_transport_connects_to_the_address_it_checked(remote: Remote) -> None:
+    """The transport resolves the host, checks every address, and connects to the checked one;
+    the request still names the URL's host. (Widened to loopback here: CI has no internet.)"""
+    checked: list[str] = []
+
+    def allowed(address: str) -> bool:
+        checked.append(address)
+        return address == "127.0.0.1"
+
+    remote.api_keys.add("k")
+    async with httpx.AsyncClient(transport=public_only_transport(allowed)) as client:
+        r = await client.get(f"http://2130706433:{remote.port}/x", headers={"X-API-Key": "k"})
+        assert r.status_code == 200 and checked == ["127.0.0.1"]
+        assert remote.seen[-1]["headers"]["Host"] == f"2130706433:{remote.port}"
+        with pytest.raises(httpx.ConnectError, match="resolves to ::1, which is not a public address"):
+            await client.get(f"http://[::1]:{remote.port}/x")

@@ -50,6 +50,7 @@ from service.domain.integrations.service import ApiKeyCredentials, Credentials, 
 from service.domain.integrations.service import seal_credentials as _seal
 from service.guardrails.breaker import BreakerConfig, CallNotPermitted, CircuitBreaker
 from service.guardrails.breaker_admin import BreakerRegistry
+from service.guardrails.egress import EgressRefused, public_only_transport
 from service.settings import Settings
 from telemetry.logging import get_logger
 from telemetry.metrics import Metrics
@@ -275,6 +276,12 @@ class IntegrationCaller:
             if isinstance(exc, httpx.HTTPError):
                 if count:
                     self._calls[row.kind, "transport_error"].inc()
+                if isinstance(exc.__cause__, EgressRefused):
+                    trace.get_current_span().add_event(
+                        "integration.egress_refused", {"server.address": exc.__cause__.host}
+                    )
+                    _log.warning("integration_egress_refused", integration_id=str(row.id), reason=str(exc.__cause__))
+                    raise IntegrationError(f"integration {row.name!r} was not called: {exc.__cause__}") from None
                 raise IntegrationError(f"integration {row.name!r} is unreachable: {type(exc).__name__}") from None
             raise
         if count:
@@ -431,6 +438,8 @@ def integration_caller(
     switch = breakers.breakers.get("integrations") or breakers.add(
         CircuitBreaker("integrations", BreakerConfig(window_size=1, minimum_calls=1, record_exceptions=()), metrics)
     )
+    if transport is None and not settings.integrations_allow_private_networks:
+        transport = public_only_transport()  # SSRF: see service.guardrails.egress
     return IntegrationCaller(
         sessionmaker, keyring or Keyring.from_settings(settings), metrics, config, switch=switch, transport=transport
     )

@@ -18,7 +18,6 @@ opening them.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import uuid
 from datetime import datetime
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Integration
 from service.domain.integrations.keyring import Keyring, Sealed
+from service.guardrails.egress import is_public_address
 
 __all__ = [
     "KINDS",
@@ -88,9 +88,10 @@ class CredentialsInvalid(ValueError):
 
 
 def validate_url(url: str, field: str, *, allow_private: bool) -> str:
-    """An absolute http(s) URL with a host; loopback, private, link-local and unspecified IP
-    literals (and ``localhost``) are refused unless ``allow_private`` (SSRF). Names that resolve
-    to such addresses are not caught here (see docs/decisions.md D42)."""
+    """An absolute http(s) URL with a host; IP literals that are not public (loopback, private,
+    link-local, ...) and ``localhost`` are refused unless ``allow_private`` (SSRF), so the user
+    hears of it at once. Names, and other spellings of addresses, are checked where each
+    connection is opened, on what they resolve to (``service.guardrails.egress``, D62)."""
     try:
         parts = httpx_url(url)
     except ValueError:
@@ -119,10 +120,9 @@ def _private_host(host: str) -> bool:
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
         return True
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        return not is_public_address(host.strip("[]"))
     except ValueError:
         return False
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_reserved
 
 
 def parse_credentials(kind: str, data: Any, *, allow_private: bool) -> Credentials:
