@@ -394,6 +394,10 @@ class Settings:
     """Longest one outbound integration request (or token refresh) may take when the caller does
     not say."""
 
+    integration_max_response_bytes: int = 1_048_576
+    """Largest integration response body read, after decompression (1 MiB); a longer answer fails
+    the call (counted as a ``transport_error``) instead of filling the worker's memory."""
+
     integration_token_refresh_margin_seconds: float = 300.0
     """An OAuth access token expiring within this is refreshed before it is used (and by the
     worker's refresh sweep)."""

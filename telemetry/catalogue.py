@@ -454,7 +454,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "{call}",
         ("connector", "outcome"),
         "Outbound integration calls by connector kind and outcome: success, client_error, unauthorized,"
-        " server_error, timeout, transport_error, rejected (breaker open), needs_reauth (not attempted).",
+        " server_error, timeout, transport_error (unreachable, a non-public address refused, or an answer"
+        " over VIGIL_INTEGRATION_MAX_RESPONSE_BYTES), rejected (breaker open), needs_reauth (not attempted).",
     ),
     MetricSpec(
         "integration_call_duration_seconds",

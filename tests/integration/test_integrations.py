@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import socket
@@ -98,9 +99,25 @@ class Remote:
                 self.end_headers()
                 self.wfile.write(raw)
 
+            def _large(self, how: str, size: int) -> None:
+                body = b"0" * size
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                if how == "gzip":
+                    body = gzip.compress(body)
+                    self.send_header("Content-Encoding", "gzip")
+                if how != "undeclared":  # else the body ends when the connection closes
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                if self.path.startswith("/large/"):  # /large/{declared|undeclared|gzip}/{bytes}
+                    _, _, how, size = self.path.split("/")
+                    self._large(how, int(size))
+                    return
                 with remote._lock:
                     if self.path == "/token":
                         self._send(*remote._token(dict(self.headers), raw.decode()))
@@ -678,3 +695,30 @@ async def test_public_only_transport_connects_to_the_address_it_checked(remote: 
         assert remote.seen[-1]["headers"]["Host"] == f"2130706433:{remote.port}"
         with pytest.raises(httpx.ConnectError, match="resolves to ::1, which is not a public address"):
             await client.get(f"http://[::1]:{remote.port}/x")
+
+
+async def test_answers_longer_than_the_limit_are_not_read(
+    engine: AsyncEngine, migrated_url: str, remote: Remote
+) -> None:
+    """An answer longer than ``VIGIL_INTEGRATION_MAX_RESPONSE_BYTES`` fails the call with an
+    ``IntegrationError`` naming the limit, whether its length is declared, undeclared, or only
+    reached once decompressed (a small gzip body expanding past it); it counts as a
+    ``transport_error`` and becomes ``last_error``. An answer of exactly the limit is returned."""
+    limit = 64 * 1024
+    small = make_caller(migrated_url, engine, integration_max_response_bytes=limit)
+    try:
+        user = await new_user(engine)
+        key = "k-" + uuid.uuid4().hex
+        remote.api_keys.add(key)
+        row_id = await add_integration(engine, small.keyring, user, "http_api_key", "big", remote.url, {"api_key": key})
+        ok = await small.call(user_id=user, integration="big", method="GET", path=f"/large/gzip/{limit}")
+        assert ok.status == 200 and ok.body == "0" * limit
+        for how in ("declared", "undeclared", "gzip"):
+            with pytest.raises(IntegrationError, match=f"answered more than {limit} bytes"):
+                await small.call(user_id=user, integration="big", method="GET", path=f"/large/{how}/{8 * limit}")
+        assert f"answered more than {limit} bytes" in ((await row_of(engine, row_id)).last_error or "")
+        text = scrape_of(small)
+        assert value(text, "integration_calls_total", connector="http_api_key", outcome="transport_error") == 3
+        assert value(text, "integration_calls_total", connector="http_api_key", outcome="success") == 1
+    finally:
+        await small.aclose()

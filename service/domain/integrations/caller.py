@@ -113,6 +113,13 @@ class _RemoteFailed(Exception):
     """What a 5xx answer counts as in the integration's breaker."""
 
 
+class ResponseTooLarge(httpx.HTTPError):
+    """The remote's answer was longer than ``max_response_bytes``: it is not read further."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answered more than {limit} bytes")
+
+
 @dataclass(frozen=True)
 class CallerConfig:
     """How calls are made; built from the settings by :func:`integration_caller`."""
@@ -122,6 +129,8 @@ class CallerConfig:
     breaker: BreakerConfig = field(default_factory=lambda: integration_breaker_config(Settings()))
     max_breakers: int = 10_000
     """Breakers kept in memory (least recently used ones are dropped, and start closed again)."""
+    max_response_bytes: int = 1_048_576
+    """Largest response body read (after content decoding); a longer one fails the call."""
 
 
 def _short(exc: BaseException) -> str:
@@ -235,9 +244,30 @@ class IntegrationCaller:
     ) -> httpx.Response:  # fmt: skip
         headers = self._auth_headers(creds)
         url = row.base_url.rstrip("/") + "/" + path.lstrip("/")  # never lets `path` change the host
-        request = self._http.request(method, url, json=body, headers=headers, timeout=timeout)
-        r: httpx.Response = await self._through_breakers(row, breaker, request, timeout)
+        request = self._http.build_request(method, url, json=body, headers=headers, timeout=timeout)
+        r: httpx.Response = await self._through_breakers(row, breaker, self._fetch(request), timeout)
         return r
+
+    async def _fetch(self, request: httpx.Request, auth: tuple[str, str] | None = None) -> httpx.Response:
+        """Send ``request`` and read its answer, at most ``max_response_bytes`` of it (decoded:
+        a compressed answer cannot expand past the limit either). The returned response holds
+        the decoded body, so it carries no ``Content-Encoding``."""
+        limit = self.config.max_response_bytes
+        r = await self._http.send(request, auth=auth, stream=True)
+        try:
+            declared = r.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ResponseTooLarge(limit)
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise ResponseTooLarge(limit)
+                chunks.append(chunk)
+        finally:
+            await r.aclose()
+        headers = [(k, v) for k, v in r.headers.multi_items() if k not in ("content-encoding", "content-length")]
+        return httpx.Response(r.status_code, headers=headers, content=b"".join(chunks), request=request)
 
     async def _through_breakers(
         self, row: Integration, breaker: CircuitBreaker, request: Any, timeout: float, *, count: bool = True
@@ -276,6 +306,8 @@ class IntegrationCaller:
             if isinstance(exc, httpx.HTTPError):
                 if count:
                     self._calls[row.kind, "transport_error"].inc()
+                if isinstance(exc, ResponseTooLarge):
+                    raise IntegrationError(f"integration {row.name!r} {exc}") from None
                 if isinstance(exc.__cause__, EgressRefused):
                     trace.get_current_span().add_event(
                         "integration.egress_refused", {"server.address": exc.__cause__.host}
@@ -368,12 +400,12 @@ class IntegrationCaller:
         if creds.scope:
             form["scope"] = creds.scope
         timeout = self.config.timeout_seconds
-        request = self._http.post(
-            creds.token_url, data=form, auth=(creds.client_id, creds.client_secret), timeout=timeout,
-            headers={"Accept": "application/json"},
-        )  # fmt: skip
+        request = self._http.build_request(
+            "POST", creds.token_url, data=form, timeout=timeout, headers={"Accept": "application/json"}
+        )
+        fetch = self._fetch(request, auth=(creds.client_id, creds.client_secret))
         try:
-            r = await self._through_breakers(row, self._breaker(row.id), request, timeout, count=False)
+            r = await self._through_breakers(row, self._breaker(row.id), fetch, timeout, count=False)
         except IntegrationUnavailable as exc:
             return "failed", None, str(exc)
         except IntegrationError as exc:
@@ -434,6 +466,7 @@ def integration_caller(
         timeout_seconds=settings.integration_timeout_seconds,
         refresh_margin_seconds=settings.integration_token_refresh_margin_seconds,
         breaker=integration_breaker_config(settings),
+        max_response_bytes=settings.integration_max_response_bytes,
     )
     switch = breakers.breakers.get("integrations") or breakers.add(
         CircuitBreaker("integrations", BreakerConfig(window_size=1, minimum_calls=1, record_exceptions=()), metrics)
