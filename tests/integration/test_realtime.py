@@ -215,6 +215,38 @@ async def _gauge_is(base: str, name: str, expected: float, **labels: str) -> boo
     return value(await scrape(base), name, **labels) == expected
 
 
+async def test_a_connection_lasts_as_long_as_its_token_unless_renewed_in_band(served: tuple[Litestar, str]) -> None:
+    """A live connection closes with 4401 ("expired") when its access token expires; one that
+    sends ``{"type": "auth", "token": <fresh token>}`` for the same user before then stays open
+    and keeps receiving; a token for another user, or an invalid one, closes it at once (4401)."""
+    app, base = served
+    tokens = app.state.vigil.extensions["auth"]
+    user = uuid.uuid4()
+
+    def short() -> str:
+        return str(tokens.issue(AuthUser(user), ttl_seconds=2).token)
+
+    expiring, _ = await open_socket(base, app, user, token=short())
+    renewed, _ = await open_socket(base, app, user, token=short())
+    await renewed.send(json.dumps({"type": "auth", "token": token_for(app, user)}))
+    try:
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(expiring.recv(), 5.0)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert "expired" in closed.value.rcvd.reason
+        await asyncio.sleep(1.0)  # past the short token's expiry for certain
+        ids = await publish(base, user, [{"n": 1}])
+        assert (await recv(renewed))["id"] == ids[0]
+    finally:
+        await renewed.close()
+
+    for wrong in (token_for(app, uuid.uuid4()), "not-a-token"):
+        ws, _ = await open_socket(base, app, user)
+        await ws.send(json.dumps({"type": "auth", "token": wrong}))
+        assert await close_code(ws) == 4401
+
+
 async def test_reconnecting_client_resumes_with_no_gap_and_no_duplicate(served: tuple[Litestar, str]) -> None:
     """While a publisher sends 300 numbered messages without pause, a client disconnects and
     reconnects with the last id it saw, again and again: what it receives, history and live

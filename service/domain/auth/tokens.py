@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,6 +55,10 @@ class AuthUser:
     is_admin: bool = False
     """Whether the user was an administrator when the token was issued (the ``adm`` claim; an
     access token lives ``access_token_ttl_seconds`` at most, so a demotion takes that long)."""
+
+    expires_at: float | None = field(default=None, compare=False)
+    """When the token stops being honoured (its ``exp``, Unix seconds); connections that outlive
+    a request, such as ``/ws``, end then unless re-authenticated."""
 
 
 class InvalidToken(Exception):
@@ -152,4 +156,4 @@ class AccessTokens:
             user_id = uuid.UUID(claims["sub"])
         except (ValueError, TypeError, AttributeError):
             raise InvalidToken("invalid") from None
-        return AuthUser(user_id, claims.get("adm") is True)
+        return AuthUser(user_id, claims.get("adm") is True, float(claims["exp"]))

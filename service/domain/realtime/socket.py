@@ -14,6 +14,10 @@ Protocol (text frames, JSON):
    ``{"id": "<id>", "kind": "event|pattern|suggestion|workflow_run", "data": {…}}``, ids increasing.
 4. Keepalive: ``{"type": "ping"}`` every ``realtime_ping_interval_seconds``; any client message
    (``{"type": "pong"}``) counts as alive; a client silent for two more intervals is closed.
+5. Token lifetime: the connection lasts as long as its access token. Before it expires the
+   client sends ``{"type": "auth", "token": "<fresh access token>"}`` (same user) to extend it;
+   at expiry the server closes with 4401. An invalid token, or one for another user, closes
+   at once with 4401.
 
 Close codes: 4400 malformed first message or ``last_id``; 4401 missing, invalid or expired token;
 4408 no auth message in time; 4429 too many connections for the user; 4000 ping timeout; 1013
@@ -44,11 +48,16 @@ __all__ = ["CLOSE_CODES", "build_socket_handler"]
 CLOSE_CODES = {
     "bad_message": 4400,
     "unauthenticated": 4401,
+    "token_expired": 4401,
     "auth_timeout": 4408,
     "limit": 4429,
     "ping_timeout": 4000,
     "slow_consumer": 1013,
     "going_away": 1001,
+}
+_CLOSE_DETAIL = {
+    "token_expired": "the access token expired; send a fresh one before expiry, or reconnect",
+    "unauthenticated": "the access token is invalid or belongs to another user",
 }
 _log = get_logger("vigil.realtime")
 _tracer = trace.get_tracer("vigil.realtime")
@@ -64,6 +73,23 @@ class _AuthMessage(msgspec.Struct):
     type: str
     token: str = ""
     last_id: str | None = None
+
+
+class _Session:
+    """Who a live connection is for and until when (its access token's expiry, extended by
+    an in-band ``auth`` message)."""
+
+    def __init__(self, user: AuthUser) -> None:
+        self.user_id = user.id
+        self.deadline = _deadline(user)
+        self.refused: str | None = None
+
+
+def _deadline(user: AuthUser) -> float:
+    """The token's expiry on the monotonic clock (never, for a user without one)."""
+    if user.expires_at is None:
+        return float("inf")
+    return time.monotonic() + (user.expires_at - time.time())
 
 
 def _has_authorization(socket: WebSocket[Any, Any, Any]) -> bool:
@@ -124,8 +150,23 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                 last_raw = hello.last_id
         return user, _last_id(last_raw)
 
-    async def receive_loop(socket: WebSocket[Any, Any, Any], conn: Connection, heard: list[float]) -> None:
-        # Only to notice the client is alive or gone; what it says beyond that is ignored.
+    def reauthenticate(session: _Session, text: str) -> None:
+        """An in-band ``auth`` message: a valid token for the same user extends the session."""
+        try:
+            token = msgspec.json.decode(text, type=_AuthMessage).token
+            user = tokens.decode(token)
+        except (msgspec.DecodeError, InvalidToken):
+            session.refused = "unauthenticated"
+            return
+        if user.id != session.user_id:
+            session.refused = "unauthenticated"
+            return
+        session.deadline = _deadline(user)
+
+    async def receive_loop(
+        socket: WebSocket[Any, Any, Any], conn: Connection, heard: list[float], session: _Session
+    ) -> None:
+        # To notice the client is alive or gone, and to take a fresh token; all else is ignored.
         with contextlib.suppress(WebSocketDisconnect):
             while True:
                 message = await socket.receive()
@@ -133,10 +174,18 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                     break
                 heard[0] = time.monotonic()
                 in_control.inc()
+                text = message.get("text")
+                if isinstance(text, str) and '"auth"' in text:
+                    reauthenticate(session, text)
+                    conn.wake.set()
         conn.wake.set()
 
     async def send_loop(
-        socket: WebSocket[Any, Any, Any], conn: Connection, receiver: asyncio.Task[None], heard: list[float]
+        socket: WebSocket[Any, Any, Any],
+        conn: Connection,
+        receiver: asyncio.Task[None],
+        heard: list[float],
+        session: _Session,
     ) -> str | None:
         """Send until the client leaves (None) or must be closed (the reason)."""
         next_ping = time.monotonic() + ping_interval
@@ -147,6 +196,10 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                 return None
             if conn.closing:
                 return "going_away"
+            if session.refused is not None:
+                return session.refused
+            if time.monotonic() >= session.deadline:
+                return "token_expired"
             if conn.buffer:
                 kind, text = conn.buffer.popleft()
                 await socket.send_text(text)
@@ -162,7 +215,7 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                 continue
             conn.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.wake.wait(), next_ping - now)
+                await asyncio.wait_for(conn.wake.wait(), min(next_ping, session.deadline) - now)
 
     @websocket("/ws", name="realtime")
     async def realtime_socket(socket: WebSocket[Any, Any, Any]) -> None:
@@ -194,12 +247,13 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
             out_control.inc()
             conn.go_live()
             heard = [time.monotonic()]
-            receiver = asyncio.create_task(receive_loop(socket, conn, heard))
-            reason = await send_loop(socket, conn, receiver, heard)
+            session = _Session(user)
+            receiver = asyncio.create_task(receive_loop(socket, conn, heard, session))
+            reason = await send_loop(socket, conn, receiver, heard, session)
             if reason is not None:
                 if reason != "going_away":
                     _log.info("realtime_connection_closed", reason=reason)
-                await socket.close(CLOSE_CODES[reason])
+                await socket.close(CLOSE_CODES[reason], _CLOSE_DETAIL.get(reason, ""))
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass  # the client left mid-send: nothing to close
         finally:
