@@ -294,6 +294,10 @@ class Settings:
     realtime_reconnect_interval_seconds: float = 1.0
     """While Redis is down, how often fan-out tries to return to it."""
 
+    realtime_redis_liveness_seconds: float = 5.0
+    """How long fan-out's pub/sub connection may hear nothing before it PINGs Redis; no answer
+    within 2 s switches fan-out to ``local`` (a hung Redis keeps its connections open)."""
+
     dlq_spool_dir: Path = Path(".vigil/spool")
     """Folder of the local append-only dead-letter spool used when Redis is also down (fsynced)."""
 

@@ -6,6 +6,8 @@ on the other instance, and while Redis is down each instance keeps delivering it
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -109,3 +111,38 @@ async def test_redis_down_delivery_continues_per_instance_and_fanout_returns(
 
 async def _is_backend(base: str, backend: str) -> bool:
     return await _backend(base) == backend
+
+
+async def test_a_hung_redis_is_noticed_by_an_idle_subscriber_and_fanout_returns(
+    migrated_url: str, make_redis: Callable[[], EmbeddedRedis], capfd: Any
+) -> None:
+    """Redis frozen with SIGSTOP while no message flows: its connections stay open and nothing
+    answers, so only the pub/sub reader's PING tells. Within ``realtime_redis_liveness_seconds``
+    plus the 2 s PING timeout the instance switches to ``local`` (gauge, one
+    ``realtime_fanout_degraded`` line) without anything being published, and keeps delivering
+    its own messages; after SIGCONT it returns to ``redis`` and messages go through Redis again."""
+    redis = make_redis()
+    assert redis.process is not None
+    app = realtime_app(
+        migrated_url, redis.url(), realtime_redis_liveness_seconds=1.0, realtime_reconnect_interval_seconds=0.2
+    )
+    user = uuid.uuid4()
+    with running_server(app) as base:
+        ws, _ = await open_socket(base, app, user)
+        assert await _backend(base) == "redis"
+        capfd.readouterr()
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            await eventually(lambda: _is_backend(base, "local"), timeout=10)
+            out = capfd.readouterr().out
+            degraded = [json.loads(line) for line in out.splitlines() if '"realtime_fanout_degraded"' in line]
+            assert len(degraded) == 1 and degraded[0]["reason"] == "subscriber_failed"
+            (mid,) = await publish(base, user, [{"n": 1}])
+            assert (await recv(ws))["id"] == mid
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        await eventually(lambda: _is_backend(base, "redis"), timeout=15)
+        (mid,) = await publish(base, user, [{"n": 2}])
+        assert (await recv(ws))["id"] == mid
+        assert '"realtime_fanout_restored"' in capfd.readouterr().out
+        await ws.close()

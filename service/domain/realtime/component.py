@@ -42,6 +42,7 @@ class RealtimeComponent(InitPluginProtocol):
             history_ttl_seconds=s.realtime_history_ttl_seconds,
             send_queue_size=s.realtime_send_queue_size,
             reconnect_interval_seconds=s.realtime_reconnect_interval_seconds,
+            liveness_seconds=s.realtime_redis_liveness_seconds,
         )
         resources.extensions["realtime"] = self.hub
         # setdefault: correct whether or not the events component was constructed first.

@@ -111,6 +111,7 @@ class RealtimeHub:
         send_queue_size: int,
         reconnect_interval_seconds: float,
         subscribe_timeout_seconds: float = 2.0,
+        liveness_seconds: float = 5.0,
     ) -> None:
         self.redis = redis
         self.history_size = history_size
@@ -118,6 +119,9 @@ class RealtimeHub:
         self.send_queue_size = send_queue_size
         self.reconnect_interval = reconnect_interval_seconds
         self.subscribe_timeout = subscribe_timeout_seconds
+        self.liveness = liveness_seconds
+        """After this long without a message the reader PINGs Redis; no answer within
+        ``subscribe_timeout`` counts as Redis down (a hung server keeps the socket open)."""
         self.connections: dict[uuid.UUID, set[Connection]] = {}
         self.backend = "redis"
         self._local_history: OrderedDict[uuid.UUID, deque[tuple[MessageId, str, str]]] = OrderedDict()
@@ -380,15 +384,24 @@ class RealtimeHub:
 
     async def _read_forever(self) -> None:
         pubsub = self._pubsub
+        heard, pinged = time.monotonic(), None
         while True:
             if self.backend == "local":  # a publish failed: reconnect, catch up, switch back
                 raise ConnectionError("fan-out degraded by a failed publish")
             message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            now = time.monotonic()
             if message is not None:
+                heard, pinged = now, None  # anything, the PING's "pong" included, proves liveness
                 self._handle(message)
                 # A burst (a batch's pipeline) is parsed from the socket buffer without yielding:
                 # let the send loops drain between messages, or the burst alone overflows them.
                 await asyncio.sleep(0)
+            elif pinged is not None and now - pinged > self.subscribe_timeout:
+                # A stopped or hung Redis keeps the TCP connection open: only silence tells.
+                raise TimeoutError("Redis did not answer the pub/sub connection's PING")
+            elif pinged is None and now - heard >= self.liveness:
+                await asyncio.wait_for(pubsub.ping(), self.subscribe_timeout)
+                pinged = now
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
