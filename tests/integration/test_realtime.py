@@ -218,7 +218,8 @@ async def _gauge_is(base: str, name: str, expected: float, **labels: str) -> boo
 async def test_a_connection_lasts_as_long_as_its_token_unless_renewed_in_band(served: tuple[Litestar, str]) -> None:
     """A live connection closes with 4401 ("expired") when its access token expires; one that
     sends ``{"type": "auth", "token": <fresh token>}`` for the same user before then stays open
-    and keeps receiving; a token for another user, or an invalid one, closes it at once (4401)."""
+    and keeps receiving (other client messages change nothing); a token for another user, or an
+    invalid one, closes it at once (4401)."""
     app, base = served
     tokens = app.state.vigil.extensions["auth"]
     user = uuid.uuid4()
@@ -228,6 +229,7 @@ async def test_a_connection_lasts_as_long_as_its_token_unless_renewed_in_band(se
 
     expiring, _ = await open_socket(base, app, user, token=short())
     renewed, _ = await open_socket(base, app, user, token=short())
+    await renewed.send(json.dumps({"type": "pong", "note": "auth"}))  # not an auth message: ignored
     await renewed.send(json.dumps({"type": "auth", "token": token_for(app, user)}))
     try:
         with pytest.raises(ConnectionClosed) as closed:

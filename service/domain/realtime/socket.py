@@ -150,18 +150,25 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                 last_raw = hello.last_id
         return user, _last_id(last_raw)
 
-    def reauthenticate(session: _Session, text: str) -> None:
-        """An in-band ``auth`` message: a valid token for the same user extends the session."""
+    def reauthenticate(session: _Session, text: str) -> bool:
+        """If ``text`` is an in-band ``auth`` message: a valid token for the same user extends
+        the session, any other token ends it. Other client messages change nothing."""
         try:
-            token = msgspec.json.decode(text, type=_AuthMessage).token
-            user = tokens.decode(token)
-        except (msgspec.DecodeError, InvalidToken):
+            message = msgspec.json.decode(text, type=_AuthMessage)
+        except msgspec.DecodeError:
+            return False
+        if message.type != "auth":
+            return False
+        try:
+            user = tokens.decode(message.token)
+        except InvalidToken:
             session.refused = "unauthenticated"
-            return
+            return True
         if user.id != session.user_id:
             session.refused = "unauthenticated"
-            return
-        session.deadline = _deadline(user)
+        else:
+            session.deadline = _deadline(user)
+        return True
 
     async def receive_loop(
         socket: WebSocket[Any, Any, Any], conn: Connection, heard: list[float], session: _Session
@@ -175,8 +182,7 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
                 heard[0] = time.monotonic()
                 in_control.inc()
                 text = message.get("text")
-                if isinstance(text, str) and '"auth"' in text:
-                    reauthenticate(session, text)
+                if isinstance(text, str) and reauthenticate(session, text):
                     conn.wake.set()
         conn.wake.set()
 
