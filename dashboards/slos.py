@@ -135,10 +135,11 @@ SLOS = (
         "workflow-run-success",
         "Workflow run success",
         0.99,
-        "Share of finished workflow runs that succeeded: failed and compensated runs are bad (D51);"
-        " stuck is a lost lease, not a run's end, and is left out.",
+        "Share of finished workflow runs that succeeded: failed and compensated runs are bad (D51)"
+        " when the failure was on Vigil's side (cause=\"vigil\", D66; a user's integration failing is"
+        ' cause="remote"); stuck is a lost lease, not a run\'s end, and is left out.',
         total=('status=~"succeeded|failed|compensated"',),
-        bad=('status=~"failed|compensated"',),
+        bad=('status=~"failed|compensated"', 'cause="vigil"'),
         metric="workflow_runs_total",
     ),
 )

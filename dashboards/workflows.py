@@ -29,11 +29,12 @@ def _workflow_runs(board: Board) -> None:
     """Workflow runs (service/domain/workflows): outcomes, stuck and active runs, steps, queue."""
     board.row("Workflow runs (domain/workflows)").add(
         timeseries_panel(
-            "Runs finished by status",
+            "Runs finished by status and cause",
             "Runs reaching a status per second: succeeded; compensated (a step failed, its earlier steps"
-            " undone) and failed spend the workflow-run success SLO; stuck (a lease expired, the run is"
+            " undone) and failed spend the workflow-run success SLO when their cause is vigil, not when"
+            " it is remote (the user's integration failed, D66); stuck (a lease expired, the run is"
             " retried) is not an end and shows how often workers are lost.",
-            query(f"sum by (status) (rate({sel('workflow_runs_total')}[{RATE}]))", "{{status}}"),
+            query(f"sum by (status, cause) (rate({sel('workflow_runs_total')}[{RATE}]))", "{{status}} ({{cause}})"),
             unit="ops",
             w=8,
         ),

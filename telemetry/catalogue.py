@@ -386,10 +386,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "workflow_runs_total",
         "counter",
         "{run}",
-        ("status",),
+        ("status", "cause"),
         "Workflow runs reaching a status: succeeded, compensated (a step failed; every compensation"
         " succeeded), failed (a step failed and compensation was impossible or failed, or the run"
-        " was abandoned), stuck (its lease expired: worker lost; then retried or compensated).",
+        " was abandoned), stuck (its lease expired: worker lost; then retried or compensated)."
+        " cause: none (succeeded), remote (an integration call failed on the user's side: error"
+        " status, timeout, unreachable, missing or needing reconnection), vigil (anything else).",
     ),
     MetricSpec(
         "workflow_runs_active",

@@ -21,6 +21,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.domain.integrations.keyring import generate_key_line
 from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from service.worker.app import WorkerRuntime
 from tests.integration.test_worker import (
@@ -77,14 +78,17 @@ def metrics_of(runtime: WorkerRuntime) -> str:
     return generate_latest(runtime.resources.metrics.registry).decode()
 
 
-async def run_to_end(env: Env, remote: Remote, definition: dict[str, Any]) -> tuple[uuid.UUID, uuid.UUID, str]:
+async def run_to_end(
+    env: Env, remote: Remote, definition: dict[str, Any], **settings: Any
+) -> tuple[uuid.UUID, uuid.UUID, str]:
     """A new user with an integration on ``remote``, one manual run of ``definition`` on an
-    in-process worker until it is compensated or failed: (user, run, the worker's metrics)."""
+    in-process worker (``settings`` override its settings) until it is compensated or failed:
+    (user, run, the worker's metrics)."""
     user_id = await new_user(env.db)
     with running_server(remote) as base_url:
         await add_integration(env.db, user_id, base_url)
         wf_id = await add_workflow(env.db, user_id, definition)
-        async with wf_worker(wf_settings(env.db_url, env.redis_url)) as runtime:
+        async with wf_worker(wf_settings(env.db_url, env.redis_url, **settings)) as runtime:
             run_id = await start_run(env.db, env.redis_url, wf_id)
             await eventually(lambda: status_is(env.db, run_id, "compensated", "failed"), timeout=20)
             return user_id, run_id, metrics_of(runtime)
@@ -93,7 +97,8 @@ async def run_to_end(env: Env, remote: Remote, definition: dict[str, Any]) -> tu
 async def test_failed_step_compensates_completed_steps_in_reverse_order(env: Env) -> None:
     """Steps a and b succeed, c (no compensation) succeeds, d keeps answering 500: after its two
     attempts the rest is skipped and the compensations of b then a reach the server, in that
-    order; the run ends ``compensated`` with the whole story in its step history."""
+    order; the run ends ``compensated`` with the whole story in its step history, counted with
+    ``cause="remote"`` (the remote's answer failed it, D66)."""
     remote = Remote(status={"/d": 500})
     definition = {
         "steps": [
@@ -126,7 +131,8 @@ async def test_failed_step_compensates_completed_steps_in_reverse_order(env: Env
         ("undo_b", True, 1, "compensated"), ("undo_a", True, 1, "compensated"),
         ("e", False, 0, "skipped"),
     ]  # fmt: skip
-    assert value(body, "workflow_runs_total", status="compensated") == 1
+    assert value(body, "workflow_runs_total", status="compensated", cause="remote") == 1
+    assert value(body, "workflow_runs_total", status="compensated", cause="vigil") is None
     assert value(body, "workflow_step_duration_seconds_count", kind="http", outcome="failed") == 2
     async with env.db.connect() as conn:
         emitted = (await conn.execute(text("SELECT count(*) FROM events WHERE user_id = :u"), {"u": user_id})).scalar()
@@ -152,7 +158,8 @@ async def test_a_failing_compensation_ends_the_run_failed(env: Env) -> None:
 async def test_step_timeouts_and_retries_with_backoff_show_in_the_history(env: Env) -> None:
     """A flaky step (503 twice) succeeds on its third attempt after backoff waits within the
     full-jitter bounds; a slow step times out on each of its attempts (each bounded by its
-    timeout), and the run is then compensated; the histogram counts each outcome."""
+    timeout), and the run is then compensated (``cause="remote"``: the remote did not answer in
+    time); the histogram counts each outcome."""
     remote = Remote(fail_first={"/flaky": 2}, delay={"/slow": 5.0})
     definition = {
         "steps": [
@@ -175,8 +182,24 @@ async def test_step_timeouts_and_retries_with_backoff_show_in_the_history(env: E
         assert r["error"] == "timed out after 0.3s"
         assert 0.25 <= (r["finished_at"] - r["started_at"]).total_seconds() < 1.5
     assert (await run_row(env.db, run_id))["status"] == "compensated"
+    assert value(body, "workflow_runs_total", status="compensated", cause="remote") == 1
     assert value(body, "workflow_step_duration_seconds_count", kind="http", outcome="timeout") == 2
     assert value(body, "workflow_step_duration_seconds_count", kind="http", outcome="succeeded") == 2  # flaky, undo
+
+
+async def test_a_failure_on_vigils_side_is_counted_as_vigils(env: Env) -> None:
+    """A worker that cannot open the integration's credentials (sealed under a key it no longer
+    holds: the operator retired it too early) fails the run without calling the remote, and
+    counts it ``failed`` with ``cause="vigil"``: the failures the run-success SLO spends its
+    budget on (D66)."""
+    remote = Remote()
+    definition = {"steps": [http("a", "POST", "/a")]}
+    _, run_id, body = await run_to_end(env, remote, definition, credential_keys=(generate_key_line("other"),))
+    run = await run_row(env.db, run_id)
+    assert run["status"] == "failed" and "IntegrationCredentialsUnreadable" in run["error"]
+    assert remote.calls() == []
+    assert value(body, "workflow_runs_total", status="failed", cause="vigil") == 1
+    assert value(body, "workflow_runs_total", status="failed", cause="remote") is None
 
 
 # --- real `vigil worker` processes -----------------------------------------------------------
@@ -295,8 +318,8 @@ async def test_worker_killed_mid_run_is_detected_stuck_and_retried_by_another(en
     async with env.db.connect() as conn:
         events = (await conn.execute(text("SELECT type, payload FROM events WHERE user_id = :u"), {"u": user_id})).all()
     assert [tuple(e) for e in events] == [("report.ready", {"x": 1})]
-    assert value(body, "workflow_runs_total", status="stuck") == 1
-    assert value(body, "workflow_runs_total", status="succeeded") == 1
+    assert value(body, "workflow_runs_total", status="stuck", cause="vigil") == 1
+    assert value(body, "workflow_runs_total", status="succeeded", cause="none") == 1
     assert value(body, "workflow_step_duration_seconds_count", kind="delay", outcome="succeeded") == 1
     for name in WORKER_METRICS:  # the worker-only metrics of tests/ops/test_metric_contract.py
         assert samples(body, name), name

@@ -71,6 +71,7 @@ from telemetry.logging import get_logger
 from telemetry.metrics import Metrics
 
 __all__ = [
+    "CAUSES",
     "MAX_BACKOFF_SECONDS",
     "TERMINAL",
     "IntegrationCalls",
@@ -84,7 +85,13 @@ _log = get_logger("vigil.workflows")
 MAX_BACKOFF_SECONDS = 300.0
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
 TERMINAL = ("succeeded", "failed", "compensated")
-_PERMANENT = (IntegrationNotFound, IntegrationNeedsReauth, IntegrationCredentialsUnreadable)
+CAUSES = ("none", "remote", "vigil")
+"""The ``cause`` label of ``workflow_runs_total`` (D66): ``none`` for a run that succeeded;
+``remote`` when the step that failed was an integration call the user's side refused or did not
+answer (an error status, a timeout, unreachable, its breaker open, the integration missing or
+needing reconnection); ``vigil`` for everything else (Vigil's database, SMTP, credentials it
+cannot open, a lost worker). The run-success SLO counts only ``vigil`` failures as bad."""
+_PERMANENT = (IntegrationNotFound, IntegrationNeedsReauth)
 
 
 class IntegrationCalls(Protocol):
@@ -96,12 +103,14 @@ class IntegrationCalls(Protocol):
 
 
 class StepFailed(Exception):
-    """One attempt of a step failed; ``retryable`` says whether another attempt may help."""
+    """One attempt of a step failed; ``retryable`` says whether another attempt may help;
+    ``cause`` whose side the failure is on (:data:`CAUSES`)."""
 
-    def __init__(self, message: str, *, retryable: bool = True, outcome: str = "failed") -> None:
+    def __init__(self, message: str, *, retryable: bool = True, outcome: str = "failed", cause: str = "vigil") -> None:
         super().__init__(message)
         self.retryable = retryable
         self.outcome = outcome
+        self.cause = cause
 
 
 class LeaseLost(Exception):
@@ -278,7 +287,7 @@ class RunExecutor:
         done = await self._succeeded_steps(claim.run_id)
         if claim.attempt > claim.max_attempts:
             reason = f"gave up after {claim.max_attempts} attempts (worker lost each time)"
-            return await self._compensate(claim, lease, done, reason)
+            return await self._compensate(claim, lease, done, reason, "vigil")
         for index, step in enumerate(definition.steps):
             if index in done:
                 continue
@@ -286,9 +295,9 @@ class RunExecutor:
                 await self._run_step(claim, lease, index, step, is_compensation=False)
             except StepFailed as exc:
                 await self._skip_rest(claim, index + 1)
-                return await self._compensate(claim, lease, done, f"step {step.name!r} failed: {exc}")
+                return await self._compensate(claim, lease, done, f"step {step.name!r} failed: {exc}", exc.cause)
             done.add(index)
-        await self._finish(claim, lease, "succeeded", None)
+        await self._finish(claim, lease, "succeeded", None, "none")
         return "succeeded"
 
     async def _succeeded_steps(self, run_id: uuid.UUID) -> set[int]:
@@ -300,8 +309,9 @@ class RunExecutor:
         async with self.sessionmaker() as session:
             return set((await session.scalars(stmt)).all())
 
-    async def _compensate(self, claim: _Claim, lease: _Lease, done: set[int], reason: str) -> str:
-        """Undo, newest first, the completed steps that name a compensation."""
+    async def _compensate(self, claim: _Claim, lease: _Lease, done: set[int], reason: str, cause: str) -> str:
+        """Undo, newest first, the completed steps that name a compensation; the run ends with
+        the ``cause`` of the failure that made it undo."""
         await self._set_status(claim, lease, "compensating", reason)
         definition = claim.definition
         todo = [(i, definition.compensation_for(definition.steps[i])) for i in sorted(done, reverse=True)]
@@ -315,7 +325,7 @@ class RunExecutor:
                 failures.append(f"compensation {comp.name!r} failed: {exc}")
         compensated = any(c is not None for _, c in todo) and not failures
         status = "compensated" if compensated else "failed"
-        await self._finish(claim, lease, status, "; ".join([reason, *failures]))
+        await self._finish(claim, lease, status, "; ".join([reason, *failures]), cause)
         return status
 
     # --- steps ------------------------------------------------------------------------------
@@ -353,7 +363,9 @@ class RunExecutor:
                     output = await self._act(claim, step)
             except TimeoutError:
                 outcome = "timeout"
-                failure = StepFailed(f"timed out after {step.timeout:g}s", outcome="timeout")
+                # An HTTP step waits on the remote; the other kinds only on Vigil's own services.
+                cause = "remote" if isinstance(step, HttpStep) else "vigil"
+                failure = StepFailed(f"timed out after {step.timeout:g}s", outcome="timeout", cause=cause)
             except StepFailed as exc:
                 outcome = exc.outcome
                 failure = exc
@@ -393,14 +405,16 @@ class RunExecutor:
                 json=step.body,
                 timeout=step.timeout,
             )
-        except _PERMANENT as exc:  # no such integration, refused refresh, unreadable credentials
-            raise StepFailed(_short(exc), retryable=False) from exc
+        except IntegrationCredentialsUnreadable as exc:  # sealed under a retired key: the operator's
+            raise StepFailed(_short(exc), retryable=False, cause="vigil") from exc
+        except _PERMANENT as exc:  # no such integration, refused refresh: the user must act
+            raise StepFailed(_short(exc), retryable=False, cause="remote") from exc
         except IntegrationError as exc:  # transport error, timeout, breaker open: try again
-            raise StepFailed(_short(exc)) from exc
+            raise StepFailed(_short(exc), cause="remote") from exc
         status = int(response.status)
         if status >= 400:
             retryable = status >= 500 or status in _RETRYABLE_STATUS
-            raise StepFailed(f"{step.method} {step.path} answered {status}", retryable=retryable)
+            raise StepFailed(f"{step.method} {step.path} answered {status}", retryable=retryable, cause="remote")
         return {"status": status}
 
     async def _begin(self, claim: _Claim, index: int, step: Step, is_compensation: bool) -> tuple[uuid.UUID, int]:
@@ -525,7 +539,7 @@ class RunExecutor:
             )
         await self._notify(claim, status)
 
-    async def _finish(self, claim: _Claim, lease: _Lease, status: str, error: str | None) -> None:
+    async def _finish(self, claim: _Claim, lease: _Lease, status: str, error: str | None, cause: str) -> None:
         async with self.sessionmaker() as session, session.begin():
             await self._hold(session, claim, lease)
             await session.execute(
@@ -539,7 +553,10 @@ class RunExecutor:
                     lease_expires_at=None,
                 )
             )
-        self._runs.labels(status).inc()
+        self._runs.labels(status, cause).inc()
         await self._notify(claim, status)
         log = _log.info if status == "succeeded" else _log.warning
-        log("workflow_run_finished", run_id=str(claim.run_id), status=status, attempt=claim.attempt, error=error)
+        log(
+            "workflow_run_finished", run_id=str(claim.run_id), status=status, cause=cause, attempt=claim.attempt,
+            error=error,
+        )  # fmt: skip

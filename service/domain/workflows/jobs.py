@@ -188,7 +188,7 @@ class Reaper:
         for row in rows:
             if row.status == "failed":
                 failed += 1
-                self._runs.labels("failed").inc()
+                self._runs.labels("failed", "vigil").inc()  # abandoned: workers lost it every time
                 _log.error("workflow_run_abandoned", run_id=str(row.id), attempt=row.attempt)
             else:
                 retried += 1
@@ -212,7 +212,7 @@ class Reaper:
                     .values(status="failed", finished_at=func.now(), error="worker lost (lease expired)")
                 )
         for row in rows:
-            self._runs.labels("stuck").inc()
+            self._runs.labels("stuck", "vigil").inc()
             _log.warning("workflow_run_stuck", run_id=str(row.id), lease_owner=row.lease_owner, attempt=row.attempt)
         return len(rows)
 
