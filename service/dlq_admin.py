@@ -138,7 +138,7 @@ class DLQAdminController(Controller):
         state: State,
         queue: FromPath[str],
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
+        offset: Annotated[int, Parameter(ge=0, le=1_000_000)] = 0,
     ) -> DLQPage:
         """Entries of one queue, oldest first, with attempts, last error and first-seen time."""
         dlq = _queue(state, queue)

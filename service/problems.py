@@ -8,6 +8,9 @@ Exception hierarchy the handlers map (anything else is a logged 500 that leaks n
     └── ServiceUnavailable (here)       -> 503 + Retry-After (shedding, dependency down)
     sqlalchemy.exc.TimeoutError         -> 503 + Retry-After (connection pool exhausted)
     sqlalchemy.exc.IntegrityError       -> 409 (a constraint refused the write, e.g. its user is gone)
+    DBAPIError refusing a value         -> 400 (SQLSTATE class 22, or asyncpg could not encode it:
+                                           a NUL character, a date or number out of its range)
+    RecursionError while decoding JSON  -> 400 (a body nested deeper than the decoder can go)
     ConnectionError, TimeoutError,      -> 503 + Retry-After (a dependency unreachable, a
     DBAPIError with a lost connection      connection dropped); other DBAPIErrors are 500s
 """
@@ -15,9 +18,11 @@ Exception hierarchy the handlers map (anything else is a logged 500 that leaks n
 from __future__ import annotations
 
 import math
+import traceback
 from http import HTTPStatus
 from typing import Any
 
+from asyncpg import exceptions as asyncpg_exceptions
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy import exc as sa_exc
@@ -87,7 +92,20 @@ def _pool_timeout(request: Request[Any, Any, Any], exc: sa_exc.TimeoutError) -> 
     return problem(503, "The database connection pool is exhausted; retry shortly.", {"Retry-After": "1"})
 
 
+def _refused_value(exc: Exception) -> bool:
+    """PostgreSQL refused a value (SQLSTATE class 22, "data exception": a NUL character, a
+    date or number out of range...), or asyncpg could not encode one."""
+    if isinstance(exc, sa_exc.DataError):
+        return True
+    orig = getattr(exc, "orig", None)
+    if str(getattr(orig, "sqlstate", None) or "").startswith("22"):
+        return True
+    return isinstance(getattr(orig, "__cause__", None), asyncpg_exceptions._base.DataError)
+
+
 def _connection_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if isinstance(exc, sa_exc.DBAPIError) and _refused_value(exc):
+        return _data_error(request, exc)
     if not connection_lost(exc) and not isinstance(exc, TimeoutError):
         return _unhandled(request, exc)
     retry_after = 1.0
@@ -107,6 +125,28 @@ def _integrity_error(request: Request[Any, Any, Any], exc: sa_exc.IntegrityError
     return problem(409, "The request conflicts with the current state of the data (a record it refers to is gone).")
 
 
+def _data_error(request: Request[Any, Any, Any], exc: sa_exc.DBAPIError) -> Response[dict[str, Any]]:
+    """A value the database (or its driver) cannot hold or compare: the request's, not a fault.
+    Handlers validate what they know; this is the net under the rest. The field is not known
+    here, so the answer says what kind of value it was; the database's message is logged."""
+    reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+    _log.warning("invalid_value", route=request.scope.get("path_template"), reason=reason)
+    return problem(
+        400, "Invalid input: a value cannot be stored or compared (a NUL character, or a date or number out of range).",
+        errors=[],
+    )  # fmt: skip
+
+
+def _recursion_error(request: Request[Any, Any, Any], exc: RecursionError) -> Response[dict[str, Any]]:
+    """JSON nested deeper than the decoder can follow is the client's (400); any other
+    recursion error is Vigil's (500)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and frames[-1].name == "decode_json" and frames[-1].filename.endswith("msgspec_hooks.py"):
+        errors = [{"field": "body", "message": "nested too deeply", "source": "body"}]
+        return problem(400, "Invalid input: body (JSON nested too deeply)", errors=errors)
+    return _unhandled(request, exc)
+
+
 def _unhandled(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     _log.error("unhandled_exception", route=request.scope.get("path_template"), exc_info=exc)
     return problem(500, "An unexpected error occurred; it has been logged with this request id.")
@@ -117,6 +157,7 @@ def exception_handlers() -> Any:  # Litestar's handler-map type is invariant in 
         HTTPException: _http_exception,
         sa_exc.TimeoutError: _pool_timeout,
         sa_exc.IntegrityError: _integrity_error,
+        RecursionError: _recursion_error,
         sa_exc.DBAPIError: _connection_error,
         ConnectionError: _connection_error,
         TimeoutError: _connection_error,

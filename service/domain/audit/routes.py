@@ -52,7 +52,7 @@ class AuditPage(msgspec.Struct, frozen=True):
 async def list_own_audit_entries(
     request: Request[Any, Any, State],
     state: State,
-    before: Annotated[int | None, Parameter(ge=1, description="Only entries older than this id.")] = None,
+    before: Annotated[int | None, Parameter(ge=1, le=2**63 - 1, description="Only entries older than this id.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="Page size, at most 200.")] = 50,
 ) -> AuditPage:
     """The authenticated caller's audit entries (actions they performed), newest first."""

@@ -49,8 +49,10 @@ from service.domain.events.schema import (
     IngestResult,
     ValidationFailure,
     decode_batch_item,
+    occurred_at_out_of_range,
 )
 from service.domain.events.store import stored_from_rows
+from service.guardrails.json_depth import check_json_depth
 from service.problems import ServiceUnavailable, problem
 from service.settings import Settings
 from telemetry.logging import get_logger
@@ -89,7 +91,9 @@ async def create_event(request: Request[Any, Any, State], state: State) -> Respo
     # Decoded here rather than by Litestar: the same field paths as a batch item's (Litestar
     # names the whole body for a missing field).
     try:
-        data = decode_batch_item(await request.body(), check_nul=True)
+        body = await request.body()
+        check_json_depth(body)
+        data = decode_batch_item(body, check_nul=True)
     except ValidationFailure as bad:
         raise _invalid(bad.field, bad.reason) from None
     except msgspec.DecodeError as exc:
@@ -111,6 +115,7 @@ async def ingest_batch(request: Request[Any, Any, State], state: State) -> Respo
     events = _events(state)
     settings: Settings = state.vigil.settings
     body = await request.body()
+    check_json_depth(body)
     check_nul = b"\\u0000" in body
     valid: list[EventIn] = []
     raw_items: list[msgspec.Raw] = []
@@ -121,6 +126,8 @@ async def ingest_batch(request: Request[Any, Any, State], state: State) -> Respo
             valid = _list_decoder.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError):
             valid = []
+        if any(e.occurred_at is not None and occurred_at_out_of_range(e) for e in valid):
+            valid = []  # the per-item path names the bad items
     if not valid:
         try:
             raw_items = msgspec.json.decode(body, type=list[msgspec.Raw])
@@ -195,7 +202,7 @@ async def list_events(
     source: Annotated[str | None, Parameter(max_length=200, description="Only this source.")] = None,
     since: Annotated[datetime | None, Parameter(description="occurred_at >= since.")] = None,
     until: Annotated[datetime | None, Parameter(description="occurred_at < until.")] = None,
-    before: Annotated[int | None, Parameter(ge=1, description="Only events older than this id.")] = None,
+    before: Annotated[int | None, Parameter(ge=1, le=2**63 - 1, description="Only events older than this id.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="Page size, at most 200.")] = 50,
 ) -> EventPage:
     """The caller's events, newest first, filtered, by cursor."""

@@ -9,7 +9,7 @@ is rejected here, naming its field, instead of failing the database write later.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -151,6 +151,18 @@ def _nul_in(value: Any, path: str) -> str | None:
 
 _decoder = msgspec.json.Decoder(EventIn)
 
+EARLIEST_OCCURRED_AT = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_OCCURRED_AT = datetime(9000, 1, 1, tzinfo=UTC)
+"""``occurred_at`` must lie in [1900, 9000): PostgreSQL stores years up to 294276, but a value
+near year 1 or 9999 in another time zone is a UTC instant Python (and asyncpg) cannot
+represent, and every later read of that user's events would fail."""
+
+
+def occurred_at_out_of_range(event: EventIn) -> bool:
+    """True when the event's ``occurred_at`` lies outside the accepted range."""
+    at = event.occurred_at
+    return at is not None and not (EARLIEST_OCCURRED_AT <= at < LATEST_OCCURRED_AT)
+
 
 def decode_batch_item(raw: bytes, *, check_nul: bool) -> EventIn:
     """Decode and validate one item of a batch; :class:`ValidationFailure` names the field.
@@ -169,4 +181,6 @@ def decode_batch_item(raw: bytes, *, check_nul: bool) -> EventIn:
         bad = nul_field(event)
         if bad:
             raise ValidationFailure(bad, "contains a NUL character (\\u0000), which PostgreSQL cannot store")
+    if occurred_at_out_of_range(event):
+        raise ValidationFailure("occurred_at", "must be between 1900-01-01 and 9000-01-01 (UTC)")
     return event

@@ -40,6 +40,7 @@ from service.domain.integrations.service import (
     seal_credentials,
     validate_url,
 )
+from service.guardrails.json_depth import json_depth_guard
 
 __all__ = ["IntegrationIn", "IntegrationOut", "IntegrationPatch", "build_router"]
 
@@ -123,7 +124,7 @@ def _conflict(name: str) -> HTTPException:
     return HTTPException(status_code=409, detail=f"An integration named {name!r} already exists.")
 
 
-@post("/", status_code=201)
+@post("/", status_code=201, before_request=json_depth_guard)
 async def create(
     request: Request[Any, Any, State],
     state: State,
@@ -180,7 +181,7 @@ async def get_integration(
     return result
 
 
-@patch("/{integration_id:uuid}")
+@patch("/{integration_id:uuid}", before_request=json_depth_guard)
 async def update_integration(
     request: Request[Any, Any, State],
     state: State,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -46,6 +46,7 @@ __all__ = [
 KINDS: tuple[str, ...] = ("http_api_key", "oauth2")
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True, description="With a UTC offset.")]
+_EARLIEST, _LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]  # an RFC 9110 token
 
 
@@ -136,6 +137,9 @@ def parse_credentials(kind: str, data: Any, *, allow_private: bool) -> Credentia
         raise CredentialsInvalid(*_field_of(str(exc))) from None
     if isinstance(creds, OAuth2Credentials):
         validate_url(creds.token_url, "credentials.token_url", allow_private=allow_private)
+    if creds.expires_at is not None and not (_EARLIEST <= creds.expires_at < _LATEST):
+        # Near year 1 or 9999 in another time zone, the UTC instant cannot be stored or read back.
+        raise CredentialsInvalid("credentials.expires_at", "must be between 1900-01-01 and 9000-01-01 (UTC)")
     return creds
 
 

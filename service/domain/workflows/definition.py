@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from msgspec import Meta, Struct
 
 __all__ = [
@@ -204,6 +204,10 @@ def validate_schedule(cron: str | None, interval_seconds: int | None) -> None:
         fields = cron.split()
         if len(fields) not in (5, 6) or not croniter.is_valid(cron):
             raise DefinitionError("schedule_cron", f"Not a cron expression: {cron!r}")
+        try:  # valid syntax that never fires ("0 0 31 2 *": February 31st) is no schedule
+            croniter(cron, datetime.now(UTC)).get_next(datetime)
+        except CroniterBadDateError:
+            raise DefinitionError("schedule_cron", f"Never fires: {cron!r}") from None
     if interval_seconds is not None and not MIN_INTERVAL_SECONDS <= interval_seconds <= MAX_INTERVAL_SECONDS:
         raise DefinitionError(
             "schedule_interval_seconds", f"Must be between {MIN_INTERVAL_SECONDS} and {MAX_INTERVAL_SECONDS}"

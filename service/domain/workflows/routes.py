@@ -37,6 +37,7 @@ from service.domain.auth.middleware import requires_user
 from service.domain.workflows.definition import DefinitionError
 from service.domain.workflows.jobs import enqueue_run
 from service.domain.workflows.service import create_workflow, queue_manual_run, update_workflow
+from service.guardrails.json_depth import json_depth_guard
 
 __all__ = ["ROUTES", "RunDetail", "RunOut", "StepOut", "WorkflowIn", "WorkflowOut", "WorkflowPatch", "version_key"]
 
@@ -187,7 +188,7 @@ async def _owned(session: AsyncSession, user: uuid.UUID, workflow_id: uuid.UUID,
 # --- workflows ---------------------------------------------------------------------------
 
 
-@post("/api/workflows", guards=_GUARDS, tags=["workflows"], status_code=201)
+@post("/api/workflows", guards=_GUARDS, tags=["workflows"], status_code=201, before_request=json_depth_guard)
 async def create_workflow_route(
     request: Request[Any, Any, State], state: State, data: JSONBody[WorkflowIn]
 ) -> WorkflowOut:
@@ -251,7 +252,7 @@ async def get_workflow(
     return await state.vigil.reads.read(request, key, load, as_type=WorkflowOut)  # type: ignore[no-any-return]
 
 
-@patch("/api/workflows/{workflow_id:uuid}", guards=_GUARDS, tags=["workflows"])
+@patch("/api/workflows/{workflow_id:uuid}", guards=_GUARDS, tags=["workflows"], before_request=json_depth_guard)
 async def patch_workflow(
     request: Request[Any, Any, State], state: State, workflow_id: FromPath[uuid.UUID], data: JSONBody[WorkflowPatch]
 ) -> WorkflowOut:
@@ -284,7 +285,13 @@ async def delete_workflow(request: Request[Any, Any, State], state: State, workf
 # --- runs --------------------------------------------------------------------------------
 
 
-@post("/api/workflows/{workflow_id:uuid}/execute", guards=_GUARDS, tags=["workflows"], status_code=202)
+@post(
+    "/api/workflows/{workflow_id:uuid}/execute",
+    guards=_GUARDS,
+    tags=["workflows"],
+    status_code=202,
+    before_request=json_depth_guard,
+)
 async def execute_workflow(
     request: Request[Any, Any, State],
     state: State,
