@@ -24,7 +24,7 @@ from typing import Any
 
 from asyncpg import exceptions as asyncpg_exceptions
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from sqlalchemy import exc as sa_exc
 
 from service.guardrails.retry import connection_lost
@@ -69,8 +69,11 @@ def _field_errors(extra: Any) -> list[dict[str, Any]]:
 
 
 def _malformed_body(exc: HTTPException) -> bool:
-    """Litestar's answer to a body that is not JSON at all (no field of its own to name)."""
-    return exc.status_code == 400 and str(exc.detail).startswith("JSON is malformed")
+    """Litestar's answer to a body it could not decode at all (not JSON, truncated, not UTF-8, a
+    number out of range): no field of its own to name, so the body is named."""
+    return exc.status_code == 400 and (
+        isinstance(exc.__cause__, SerializationException) or str(exc.detail).startswith("JSON is malformed")
+    )
 
 
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:

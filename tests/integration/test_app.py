@@ -194,7 +194,8 @@ async def test_access_log_line_carries_request_and_trace_ids(client: AsyncTestCl
 
 
 async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
-    """Invalid input gets 400 problem+json naming the field (``body`` for a malformed body); a
+    """Invalid input gets 400 problem+json naming the field (``body`` for a body that cannot be
+    decoded: malformed, truncated, not UTF-8, nested too deep); a
     write refused by a constraint 409; unknown routes 404; oversized 413."""
     r = await client.post("/probe/things", json={"name": "x", "size": "big"})
     assert r.status_code == 400
@@ -204,6 +205,9 @@ async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient)
     r = await client.post("/probe/things", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in r.json()["errors"]] == ["body"]  # malformed JSON names the body
+    for undecodable in (b'{"name": "x"', b"\xff\xfe", b"[" * 1200):  # truncated, not UTF-8, too deep
+        r = await client.post("/probe/things", content=undecodable, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and [e["field"] for e in r.json()["errors"]] == ["body"], r.text
     r = await client.post("/probe/things", json=[1, 2])
     assert r.status_code == 400
     assert [e["field"] for e in r.json()["errors"]] == ["body"]  # not Litestar's parameter name "data"
