@@ -315,6 +315,8 @@ async def test_admin_dlq_lists_replays_and_discards_with_an_audit_trail(
     rest in one call; each change leaves an audit row. Without the admin token 401; an
     unknown queue 404."""
     user = await add_user(engine)
+    async with engine.connect() as conn:  # other tests share the audit log: only rows from here on
+        first_row = (await conn.execute(text("SELECT coalesce(max(id), 0) FROM audit_log"))).scalar_one()
     ids = await _queue_events(redis_url, tmp_path, user, ["q1", "q2", "q3", "q4"])
     app = create_app(event_settings(migrated_url, redis_url, tmp_path, audit_flush_interval_seconds=0.05))
     with running_server(app) as url:
@@ -335,7 +337,11 @@ async def test_admin_dlq_lists_replays_and_discards_with_an_audit_trail(
             async def audited() -> bool:
                 async with engine.connect() as conn:
                     rows = await conn.execute(
-                        text("SELECT action FROM audit_log WHERE action LIKE 'admin.dlq%' AND target_id LIKE 'events%'")
+                        text(
+                            "SELECT action FROM audit_log WHERE action LIKE 'admin.dlq%' AND target_id LIKE 'events%'"
+                            " AND id > :first"
+                        ),
+                        {"first": first_row},
                     )
                     return sorted(r[0] for r in rows) == [
                         "admin.dlq_discard",
