@@ -205,9 +205,10 @@ async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient)
     r = await client.post("/probe/things", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in r.json()["errors"]] == ["body"]  # malformed JSON names the body
-    for undecodable in (b'{"name": "x"', b"\xff\xfe", b"[" * 1200):  # truncated, not UTF-8, too deep
+    for undecodable in (b'{"name": "x"', b"\xff\xfe", b"[" * 1000 + b"]" * 1000):  # truncated, bad UTF-8, deep
         r = await client.post("/probe/things", content=undecodable, headers={"content-type": "application/json"})
         assert r.status_code == 400 and [e["field"] for e in r.json()["errors"]] == ["body"], r.text
+    assert "nested too deeply" in r.json()["detail"]  # the last one: a RecursionError is a 400, not a 500
     r = await client.post("/probe/things", json=[1, 2])
     assert r.status_code == 400
     assert [e["field"] for e in r.json()["errors"]] == ["body"]  # not Litestar's parameter name "data"

@@ -637,13 +637,16 @@ async def test_worker_refreshes_expiring_tokens_and_serves_integration_metrics(
         ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
         ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
         ("240.0.0.1", False), ("::1", False), ("fe80::1%2", False), ("fc00::1", False),
-        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("8.8.8.8", True),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("64:ff9b::7f00:1", False),
+        ("2002:7f00:1::1", False), ("::7f00:1", False), ("::ffff:0:7f00:1", False), ("8.8.8.8", True),
         ("93.184.216.34", True), ("2606:4700:4700::1111", True), ("::ffff:8.8.8.8", True),
+        ("64:ff9b::808:808", True), ("2002:808:808::1", True),
     ],
 )  # fmt: skip
 def test_only_globally_routable_unicast_addresses_are_public(address: str, public: bool) -> None:
     """Loopback, private, link-local (cloud metadata), shared, unspecified, multicast and
-    reserved addresses are not public, in IPv4, IPv6 and IPv4-mapped IPv6 alike."""
+    reserved addresses are not public, in IPv4, IPv6, and IPv6 carrying an IPv4 address
+    (mapped, translated, NAT64, 6to4, IPv4-compatible) alike."""
     assert is_public_address(address) is public
 
 
@@ -652,8 +655,9 @@ async def test_spellings_and_names_of_private_addresses_are_refused_when_connect
 ) -> None:
     """With private networks not allowed, URLs the text check lets through (``127.1``, the
     decimal ``2130706433``, a host name resolving to a private address) still never reach the
-    server: the call fails with an ``IntegrationError`` saying which address was refused, counted
-    as a ``transport_error`` and kept as the integration's ``last_error``."""
+    server: the call fails with an ``IntegrationError`` saying the host is not public, counted as
+    a ``transport_error`` and kept as the integration's ``last_error``, which never names the
+    private address the name resolved to (users must not map the internal network with it)."""
     hostname = socket.gethostname()
     resolved = {info[4][0] for info in socket.getaddrinfo(hostname, remote.port, type=socket.SOCK_STREAM)}
     assert resolved and not any(is_public_address(str(a)) for a in resolved), f"{hostname} -> {resolved}"
@@ -669,9 +673,10 @@ async def test_spellings_and_names_of_private_addresses_are_refused_when_connect
             validate_url(url, "base_url", allow_private=False)  # the text check accepts every one
             ids[name] = await add_integration(engine, strict.keyring, user, "http_api_key", name, url, {"api_key": key})
         for name in names:
-            with pytest.raises(IntegrationError, match="not a public address"):
+            with pytest.raises(IntegrationError, match="does not resolve to a public address"):
                 await strict.call(user_id=user, integration=name, method="GET", path="/x")
-            assert "not a public address" in ((await row_of(engine, ids[name])).last_error or "")
+            last_error = (await row_of(engine, ids[name])).last_error or ""
+            assert "does not resolve to a public address" in last_error and "127.0.0.1" not in last_error
         assert remote.seen == []
         text = scrape_of(strict)
         assert value(text, "integration_calls_total", connector="http_api_key", outcome="transport_error") == 3
@@ -693,8 +698,9 @@ async def test_public_only_transport_connects_to_the_address_it_checked(remote: 
         r = await client.get(f"http://2130706433:{remote.port}/x", headers={"X-API-Key": "k"})
         assert r.status_code == 200 and checked == ["127.0.0.1"]
         assert remote.seen[-1]["headers"]["Host"] == f"2130706433:{remote.port}"
-        with pytest.raises(httpx.ConnectError, match="resolves to ::1, which is not a public address"):
+        with pytest.raises(httpx.ConnectError, match="does not resolve to a public address"):
             await client.get(f"http://[::1]:{remote.port}/x")
+        assert checked[-1] == "::1"
 
 
 async def test_answers_longer_than_the_limit_are_not_read(

@@ -11,6 +11,7 @@ import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -216,20 +217,24 @@ async def _gauge_is(base: str, name: str, expected: float, **labels: str) -> boo
 
 
 async def test_a_connection_lasts_as_long_as_its_token_unless_renewed_in_band(served: tuple[Litestar, str]) -> None:
-    """A live connection closes with 4401 ("expired") when its access token expires; one that
+    """A live connection closes with 4401 ("expired") when its access token expires (plus the
+    leeway the token check grants); one that
     sends ``{"type": "auth", "token": <fresh token>}`` for the same user before then stays open
-    and keeps receiving (other client messages change nothing); a token for another user, or an
+    and keeps receiving (other client messages, even undecodable ones, change nothing); a token
+    for another user, or an
     invalid one, closes it at once (4401)."""
     app, base = served
     tokens = app.state.vigil.extensions["auth"]
     user = uuid.uuid4()
 
     def short() -> str:
-        return str(tokens.issue(AuthUser(user), ttl_seconds=2).token)
+        # Expired 3 s ago, within the 5 s leeway every token check grants: honoured ~2 s more.
+        return str(tokens.issue(AuthUser(user), now=datetime.now(UTC) - timedelta(seconds=13), ttl_seconds=10).token)
 
     expiring, _ = await open_socket(base, app, user, token=short())
     renewed, _ = await open_socket(base, app, user, token=short())
     await renewed.send(json.dumps({"type": "pong", "note": "auth"}))  # not an auth message: ignored
+    await renewed.send('{"note": ' + "[" * 5000 + "]" * 5000 + "}")  # too deep to decode: ignored
     await renewed.send(json.dumps({"type": "auth", "token": token_for(app, user)}))
     try:
         with pytest.raises(ConnectionClosed) as closed:

@@ -101,6 +101,11 @@ class AccessTokens:
         # A little leeway on exp/iat: instances' clocks differ by a few seconds at most.
         self._leeway = leeway_seconds
 
+    @property
+    def leeway_seconds(self) -> float:
+        """How long past ``exp`` a token is still honoured (clock skew between instances)."""
+        return float(self._leeway)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessTokens:
         """Sign with ``settings.jwt_secret``; when it is empty (refused in production by

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -42,6 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.db.models import Event
 from service.domain.auth.middleware import requires_user
 from service.domain.events.schema import (
+    EARLIEST_OCCURRED_AT,
+    LATEST_OCCURRED_AT,
     BatchItemResult,
     BatchResult,
     EventIn,
@@ -209,6 +211,11 @@ async def list_events(
     user = _user_id(request)
     cache = state.vigil.cache
     version = (await cache.get_or_load(version_key(user), lambda: _new_version(), ttl=VERSION_TTL_SECONDS)).value
+    for name, at in (("since", since), ("until", until)):
+        aware = at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at  # naive means UTC
+        if aware is not None and not (EARLIEST_OCCURRED_AT <= aware < LATEST_OCCURRED_AT):
+            message = "must lie between 1900-01-01 and 9000-01-01 (UTC)"
+            raise ValidationException(message, extra=[{"key": name, "message": message, "source": "query"}])
     params = msgspec.json.encode([event_type, source, since, until, before, limit])
     key = f"events:list:{user}:{version}:{hashlib.sha256(params).hexdigest()[:32]}"
 

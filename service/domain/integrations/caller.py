@@ -312,7 +312,10 @@ class IntegrationCaller:
                     trace.get_current_span().add_event(
                         "integration.egress_refused", {"server.address": exc.__cause__.host}
                     )
-                    _log.warning("integration_egress_refused", integration_id=str(row.id), reason=str(exc.__cause__))
+                    _log.warning(
+                        "integration_egress_refused", integration_id=str(row.id), host=exc.__cause__.host,
+                        address=exc.__cause__.address,
+                    )  # fmt: skip
                     raise IntegrationError(f"integration {row.name!r} was not called: {exc.__cause__}") from None
                 raise IntegrationError(f"integration {row.name!r} is unreachable: {type(exc).__name__}") from None
             raise

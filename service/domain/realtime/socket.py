@@ -79,17 +79,19 @@ class _Session:
     """Who a live connection is for and until when (its access token's expiry, extended by
     an in-band ``auth`` message)."""
 
-    def __init__(self, user: AuthUser) -> None:
+    def __init__(self, user: AuthUser, leeway: float) -> None:
         self.user_id = user.id
-        self.deadline = _deadline(user)
+        self.leeway = leeway
+        self.deadline = _deadline(user, leeway)
         self.refused: str | None = None
 
 
-def _deadline(user: AuthUser) -> float:
-    """The token's expiry on the monotonic clock (never, for a user without one)."""
+def _deadline(user: AuthUser, leeway: float) -> float:
+    """When the token stops being honoured, on the monotonic clock: its expiry plus the leeway
+    the token check grants every request (never, for a user without an expiry)."""
     if user.expires_at is None:
         return float("inf")
-    return time.monotonic() + (user.expires_at - time.time())
+    return time.monotonic() + (user.expires_at + leeway - time.time())
 
 
 def _has_authorization(socket: WebSocket[Any, Any, Any]) -> bool:
@@ -155,7 +157,7 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
         the session, any other token ends it. Other client messages change nothing."""
         try:
             message = msgspec.json.decode(text, type=_AuthMessage)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # not an auth message: chatter, ignored
             return False
         if message.type != "auth":
             return False
@@ -167,7 +169,7 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
         if user.id != session.user_id:
             session.refused = "unauthenticated"
         else:
-            session.deadline = _deadline(user)
+            session.deadline = _deadline(user, session.leeway)
         return True
 
     async def receive_loop(
@@ -253,7 +255,7 @@ def build_socket_handler(hub: RealtimeHub, tokens: AccessTokens, settings: Setti
             out_control.inc()
             conn.go_live()
             heard = [time.monotonic()]
-            session = _Session(user)
+            session = _Session(user, tokens.leeway_seconds)
             receiver = asyncio.create_task(receive_loop(socket, conn, heard, session))
             reason = await send_loop(socket, conn, receiver, heard, session)
             if reason is not None:

@@ -311,7 +311,8 @@ class RunExecutor:
 
     async def _compensate(self, claim: _Claim, lease: _Lease, done: set[int], reason: str, cause: str) -> str:
         """Undo, newest first, the completed steps that name a compensation; the run ends with
-        the ``cause`` of the failure that made it undo."""
+        the ``cause`` of the failure that made it undo, or ``vigil`` when a compensation failed
+        on Vigil's side."""
         await self._set_status(claim, lease, "compensating", reason)
         definition = claim.definition
         todo = [(i, definition.compensation_for(definition.steps[i])) for i in sorted(done, reverse=True)]
@@ -323,6 +324,8 @@ class RunExecutor:
                 await self._run_step(claim, lease, index, comp, is_compensation=True)
             except StepFailed as exc:  # go on: undo as much as possible
                 failures.append(f"compensation {comp.name!r} failed: {exc}")
+                if exc.cause == "vigil":  # Vigil could not restore consistency: its failure
+                    cause = "vigil"
         compensated = any(c is not None for _, c in todo) and not failures
         status = "compensated" if compensated else "failed"
         await self._finish(claim, lease, status, "; ".join([reason, *failures]), cause)
