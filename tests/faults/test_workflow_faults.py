@@ -301,7 +301,12 @@ async def test_worker_killed_mid_run_is_detected_stuck_and_retried_by_another(en
             await eventually(stuck_shown, timeout=LEASE + 5, interval=0.1)
             detected_after = time.monotonic() - killed_at
             assert detected_after <= LEASE + 1.5, detected_after
-            await eventually(lambda: status_is(env.db, run_id, "succeeded", "failed", "compensated"), timeout=30)
+            try:
+                await eventually(lambda: status_is(env.db, run_id, "succeeded", "failed", "compensated"), timeout=45)
+            except AssertionError:  # say where the run stopped, and what the second worker did
+                steps = [(r["step_name"], r["attempt"], r["status"]) for r in await step_rows(env.db, run_id)]
+                tail = "".join(second.out.lines[-60:])
+                raise AssertionError(f"run {await run_row(env.db, run_id)}\nsteps {steps}\nworker 2:\n{tail}") from None
             body = await second.metrics()
         finally:
             if first.proc.poll() is None:
