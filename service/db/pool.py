@@ -1,9 +1,9 @@
 """Connection-pool instrumentation following OpenTelemetry's ``db.client.connection.*``.
 
-Gauges (connections by state, the maximum) are read from the live pool at scrape time, so
-they are exact and cost nothing per request. Waiting has no SQLAlchemy pool event, so the
-pool class itself times each checkout: wait time, requests pending and checkouts that gave
-up (``db_client_connection_timeouts_total``).
+Gauges (connections by state, the maximum, requests pending) are read from live state at
+scrape time, so they are exact and cost nothing per request beyond an integer. Waiting has no
+SQLAlchemy pool event, so the pool class itself times each checkout: wait time, requests
+pending and checkouts that gave up (``db_client_connection_timeouts_total``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ class PoolObserver:
     """The metric children one pool reports to."""
 
     name: str
-    pending: Any
     timeouts: Any
     wait: Any
+    pending: int = 0
+    """Checkouts in progress now: a plain integer (every checkout runs on the event loop's
+    thread), read at scrape time instead of a locked gauge updated twice per request."""
 
 
 class InstrumentedPool(AsyncAdaptedQueuePool):
@@ -46,7 +48,7 @@ class InstrumentedPool(AsyncAdaptedQueuePool):
         obs = self.observer
         if obs is None:
             return super()._do_get()
-        obs.pending.inc()
+        obs.pending += 1
         start = time.perf_counter()
         try:
             return super()._do_get()
@@ -54,7 +56,7 @@ class InstrumentedPool(AsyncAdaptedQueuePool):
             obs.timeouts.inc()
             raise
         finally:
-            obs.pending.dec()
+            obs.pending -= 1
             obs.wait.observe(time.perf_counter() - start)
 
 
@@ -63,9 +65,8 @@ def observe_pool(engine: Any, metrics: Metrics, name: str, maximum: int) -> None
     pool = engine.sync_engine.pool
     if not isinstance(pool, InstrumentedPool):
         raise TypeError("observe_pool needs an engine created with poolclass=InstrumentedPool")
-    pool.observer = PoolObserver(
+    observer = pool.observer = PoolObserver(
         name=name,
-        pending=metrics.gauge("db_client_connection_pending_requests").labels(name),
         timeouts=metrics.counter("db_client_connection_timeouts_total").labels(name),
         wait=metrics.histogram("db_client_connection_wait_time_seconds").labels(name),
     )
@@ -79,8 +80,12 @@ def observe_pool(engine: Any, metrics: Metrics, name: str, maximum: int) -> None
     def maxima() -> Iterable[tuple[tuple[str, ...], float]]:
         yield (name,), float(maximum)
 
+    def pending() -> Iterable[tuple[tuple[str, ...], float]]:
+        yield (name,), float(observer.pending)
+
     metrics.collect_live("db_client_connection_count", counts)
     metrics.collect_live("db_client_connection_max", maxima)
+    metrics.collect_live("db_client_connection_pending_requests", pending)
 
 
 def utilisation(engine: Any, maximum: int) -> float:
