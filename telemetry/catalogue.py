@@ -42,6 +42,11 @@ class MetricSpec:
     """True when the value is read from live state at scrape time by a collector (for example
     the connection pool) rather than updated as things happen."""
 
+    per_request: bool = False
+    """True for a histogram observed on every HTTP request, from the event loop's thread only:
+    it is a :class:`telemetry.metrics.LoopHistogram` (no lock, exemplars kept per bucket) rather
+    than prometheus-client's ``Histogram`` (D68). Exposed alike, without the ``_created`` sample."""
+
 
 CATALOGUE: tuple[MetricSpec, ...] = (
     # --- HTTP server (OTel http.server.*) ---------------------------------------------------
@@ -52,6 +57,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         ("http_request_method", "http_route", "http_response_status_code"),
         "Duration of HTTP server requests, by route template.",
         buckets=HTTP_DURATION_BUCKETS,
+        per_request=True,
     ),
     MetricSpec(
         "http_server_active_requests",
@@ -59,6 +65,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "{request}",
         ("http_request_method",),
         "HTTP server requests in flight.",
+        collected=True,
     ),
     # --- Database connection pool (OTel db.client.connection.*) -----------------------------
     MetricSpec(
@@ -83,6 +90,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "{request}",
         ("db_client_connection_pool_name",),
         "Requests waiting for a pooled connection.",
+        collected=True,
     ),
     MetricSpec(
         "db_client_connection_timeouts_total",

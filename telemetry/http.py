@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -58,18 +59,18 @@ class HttpTelemetry:
     ) -> None:
         self.app = app
         self._tracer = tracer
-        self._duration = metrics.histogram("http_server_request_duration_seconds")
-        self._active = metrics.gauge("http_server_active_requests")
+        self._duration = metrics.loop_histogram("http_server_request_duration_seconds")
         self._duration_children: dict[tuple[str, str, int], Any] = {}
-        self._active_children: dict[str, Any] = {}
+        # Requests in flight by method: plain integers (one event loop per wrapper), read at
+        # scrape time instead of a locked gauge updated twice per request.
+        self._in_flight: dict[str, int] = {}
+        metrics.collect_live("http_server_active_requests", self._in_flight_samples)
         self._access_log = access_log
         self._log = get_logger("vigil.http")
 
-    def _active_child(self, method: str) -> Any:
-        child = self._active_children.get(method)
-        if child is None:
-            child = self._active_children[method] = self._active.labels(method)
-        return child
+    def _in_flight_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for method, count in list(self._in_flight.items()):
+            yield (method,), float(count)
 
     def _duration_child(self, method: str, route: str, status: int) -> Any:
         key = (method, route, status)
@@ -110,10 +111,12 @@ class HttpTelemetry:
         method = scope["method"]
         if method not in _KNOWN_METHODS:
             method = "_OTHER"
-        carrier: dict[str, str] = {}
+        carrier: dict[str, str] | None = None
         incoming_rid: str | None = None
         for name, value in scope["headers"]:
             if name in _PROPAGATION_HEADERS:
+                if carrier is None:
+                    carrier = {}
                 carrier[name.decode()] = value.decode("latin-1")
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
@@ -131,8 +134,8 @@ class HttpTelemetry:
         request_id = incoming_rid or trace_hex
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         rid_token = request_id_var.set(request_id)
-        active = self._active_child(method)
-        active.inc()
+        in_flight = self._in_flight
+        in_flight[method] = in_flight.get(method, 0) + 1
         status = 500
         rid_header = (b"x-request-id", request_id.encode())
 
@@ -156,7 +159,7 @@ class HttpTelemetry:
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("path_template") or UNMATCHED_ROUTE
-            active.dec()
+            in_flight[method] -= 1
             if span.is_recording():
                 if route != UNMATCHED_ROUTE:
                     span.update_name(f"{method} {route}")
@@ -165,11 +168,8 @@ class HttpTelemetry:
                     span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
-            child = self._duration_child(method, route, status)
-            if span_ctx.trace_flags.sampled:
-                child.observe(elapsed, {"trace_id": trace_hex})
-            else:
-                child.observe(elapsed)
+            child = self._duration_children.get((method, route, status)) or self._duration_child(method, route, status)
+            child.observe(elapsed, trace_hex if span_ctx.trace_flags.sampled else None)
             if self._access_log:
                 self._access(method, route, scope["path"], status, elapsed, request_id, trace_hex, span_ctx.span_id)
             span.end()

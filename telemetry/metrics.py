@@ -6,17 +6,21 @@ Vigil apps in one process and keeps every exposed series declared in the catalog
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from time import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from telemetry.catalogue import CATALOGUE, MetricSpec, spec
 
-__all__ = ["Metrics", "render"]
+__all__ = ["LoopHistogram", "Metrics", "render"]
 
 Sample = tuple[tuple[str, ...], float]
 
@@ -40,6 +44,70 @@ class _LiveGauges(Collector):
             yield family
 
 
+class LoopSeries:
+    """One label set of a :class:`LoopHistogram`: counts per bucket (not cumulative), the sum,
+    and the latest exemplar of each bucket."""
+
+    __slots__ = ("_bounds", "counts", "exemplars", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.exemplars: list[tuple[str, float, float] | None] = [None] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float, trace_id: str | None = None) -> None:
+        """Count ``amount`` in the first bucket whose bound is >= it (prometheus-client's rule);
+        with ``trace_id``, it becomes that bucket's exemplar."""
+        i = bisect_left(self._bounds, amount)
+        self.counts[i] += 1
+        self.sum += amount
+        if trace_id is not None:
+            self.exemplars[i] = (trace_id, amount, time())
+
+
+class LoopHistogram(Collector):
+    """A histogram for the per-request path, updated from one event loop's thread only.
+
+    prometheus-client's ``Histogram.observe`` takes a lock for the sum and again for the
+    bucket, validates the exemplar's labels and builds an ``Exemplar`` on every call: about
+    21,000 CPU instructions per request here, 6% of everything Vigil does for a trivial
+    request (D68). This one bisects the bounds and adds two numbers; buckets are made
+    cumulative, and exemplars built, when Prometheus scrapes. The exposition is
+    prometheus-client's (``HistogramMetricFamily``), without the ``_created`` sample."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], bounds: tuple[float, ...]) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, list(labelnames)
+        self._bounds = tuple(float(b) for b in bounds)
+        self._series: dict[tuple[str, ...], LoopSeries] = {}
+
+    def labels(self, *values: str) -> LoopSeries:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes the labels {self._labelnames}")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = LoopSeries(self._bounds)
+        return series
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        les = [*(floatToGoString(b) for b in self._bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for key, series in list(self._series.items()):
+            counts, exemplars, total = list(series.counts), list(series.exemplars), series.sum
+            buckets: list[Any] = []
+            running = 0
+            for le, count, exemplar in zip(les, counts, exemplars, strict=True):
+                running += count
+                if exemplar is None:
+                    buckets.append((le, running))
+                else:
+                    trace_id, value, stamp = exemplar
+                    buckets.append((le, running, Exemplar({"trace_id": trace_id}, value, stamp)))
+            family.add_metric(list(key), buckets, total)
+        yield family
+
+
 class Metrics:
     """Every catalogue metric, registered in :attr:`registry`.
 
@@ -52,7 +120,11 @@ class Metrics:
         self._live = _LiveGauges()
         self._objects: dict[str, Any] = {}
         for s in CATALOGUE:
-            if not s.collected:
+            if s.per_request:
+                loop = LoopHistogram(s.name, s.help, s.labels, s.buckets)
+                self.registry.register(loop)
+                self._objects[s.name] = loop
+            elif not s.collected:
                 self._objects[s.name] = self._build(s)
         self.registry.register(self._live)
 
@@ -77,6 +149,13 @@ class Metrics:
 
     def histogram(self, name: str) -> Histogram:
         return self._get(name, "histogram")  # type: ignore[no-any-return]
+
+    def loop_histogram(self, name: str) -> LoopHistogram:
+        """The :class:`LoopHistogram` of a ``per_request`` catalogue histogram."""
+        found = self._objects.get(name)
+        if not isinstance(found, LoopHistogram):
+            raise TypeError(f"{name} is not a per_request histogram in the catalogue")
+        return found
 
     def collect_live(self, name: str, source: Callable[[], Iterable[Sample]]) -> None:
         """Report a ``collected`` gauge from ``source()`` at every scrape."""
