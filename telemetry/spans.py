@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Mapping
+from random import getrandbits
 from time import time_ns
 from typing import Any
 
@@ -29,15 +30,40 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
 __all__ = ["LeanTracer"]
 
-_PLAIN = (str, bool, int, float)
+_PLAIN = frozenset({str, bool, int, float})
 _UNSET = Status(StatusCode.UNSET)  # immutable: one for every new span
+_TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID)
+
+
+def _ratio_bound(sampler: object) -> int | None:
+    """The trace-id bound of Vigil's own sampler, ``ParentBased(TraceIdRatioBased(r))`` with the
+    SDK's default delegates, or None for any other sampler. For that sampler the decision is a
+    comparison (a sampled parent is followed, a root is sampled when the low 64 bits of its
+    trace id are below the bound), which :meth:`LeanTracer.start_span` makes inline instead of
+    through three sampler calls and a ``SamplingResult``; ``tests/unit/test_lean_spans.py``
+    checks that both decide alike."""
+    if type(sampler) is not ParentBased:
+        return None
+    root = sampler._root  # the SDK has no public accessor for the delegates
+    delegates = (
+        sampler._remote_parent_sampled,
+        sampler._remote_parent_not_sampled,
+        sampler._local_parent_sampled,
+        sampler._local_parent_not_sampled,
+    )
+    if type(root) is not TraceIdRatioBased or delegates != (ALWAYS_ON, ALWAYS_OFF, ALWAYS_ON, ALWAYS_OFF):
+        return None
+    return root.bound
 
 
 class LeanTracer:
@@ -49,6 +75,9 @@ class LeanTracer:
             raise TypeError("LeanTracer needs the OpenTelemetry SDK's TracerProvider")
         self._sdk = sdk
         self._scope = InstrumentationScope(name)
+        self._bound = _ratio_bound(sdk.sampler)
+        # RandomIdGenerator's ids come from ``random.getrandbits``; any other generator is asked.
+        self._random_ids = type(sdk.id_generator) is RandomIdGenerator
 
     def start_span(
         self,
@@ -58,9 +87,13 @@ class LeanTracer:
         attributes: Mapping[str, Any] | None = None,
     ) -> trace.Span:
         """A span started now, as ``Tracer.start_span`` would (parent from ``context`` or the
-        current context; not recording when the sampler drops it)."""
+        current context; not recording when the sampler drops it). A ``dict`` given as
+        ``attributes`` becomes the span's own, not a copy: pass a fresh one."""
         sdk = self._sdk
         parent = trace.get_current_span(context).get_span_context()
+        bound = self._bound
+        if bound is not None and self._random_ids:
+            return self._start_fast(bound, name, context, parent, kind, attributes)
         if parent.is_valid:
             trace_id, parent_ctx, random_id = parent.trace_id, parent, parent.trace_flags.random_trace_id
         else:
@@ -79,9 +112,47 @@ class LeanTracer:
         sdk.span_processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
+    def _start_fast(
+        self,
+        bound: int,
+        name: str,
+        context: Context | None,
+        parent: SpanContext,
+        kind: SpanKind,
+        attributes: Mapping[str, Any] | None,
+    ) -> trace.Span:
+        """``start_span`` for Vigil's own sampler and the SDK's random ids: the same decision,
+        ids and flags, made inline (see :func:`_ratio_bound`)."""
+        span_id = getrandbits(64) or self._sdk.id_generator.generate_span_id()
+        if parent.is_valid:
+            trace_id, parent_ctx, trace_state = parent.trace_id, parent, parent.trace_state
+            sampled = parent.trace_flags.sampled
+            flags = TraceFlags(
+                (TraceFlags.SAMPLED if sampled else 0) | (parent.trace_flags & TraceFlags.RANDOM_TRACE_ID)
+            )
+        else:
+            trace_id = getrandbits(128) or self._sdk.id_generator.generate_trace_id()
+            parent_ctx, trace_state = None, None
+            sampled = trace_id & _TRACE_ID_LIMIT < bound
+            flags = _SAMPLED if sampled else _NOT_SAMPLED
+        span_context = SpanContext(trace_id, span_id, False, flags, trace_state)
+        if not sampled:
+            return trace.NonRecordingSpan(span_context)
+        # The span keeps ``attributes`` as given when it is a dict (Vigil's two callers pass a
+        # fresh one): one dict per span instead of two.
+        own = attributes if type(attributes) is dict else dict(attributes or ())
+        span = _LeanSpan(self._sdk, self._scope, name, span_context, parent_ctx, kind, own)
+        self._sdk.span_processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
+        return span
+
 
 class _LeanSpan(trace.Span):
     """A recording span: mutable until :meth:`end`, then one ``ReadableSpan`` to the processors."""
+
+    __slots__ = (
+        "_attributes", "_context", "_end", "_events", "_kind", "_name",
+        "_parent", "_scope", "_sdk", "_start", "_status",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -96,7 +167,7 @@ class _LeanSpan(trace.Span):
         self._sdk, self._scope, self._name, self._context, self._parent = sdk, scope, name, context, parent
         self._kind = kind
         self._attributes = attributes
-        self._events: list[Event] = []
+        self._events: list[Event] | None = None  # most spans have none
         self._status = _UNSET
         self._start = time_ns()
         self._end: int | None = None
@@ -117,7 +188,11 @@ class _LeanSpan(trace.Span):
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end is None:
-            self._events.append(Event(name, attributes, timestamp if timestamp is not None else time_ns()))
+            event = Event(name, attributes, timestamp if timestamp is not None else time_ns())
+            if self._events is None:
+                self._events = [event]
+            else:
+                self._events.append(event)
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         """Not recorded (see the module docstring)."""
@@ -156,13 +231,15 @@ class _LeanSpan(trace.Span):
             return
         self._end = end_time if end_time is not None else time_ns()
         attributes: Mapping[str, Any] = self._attributes
-        if not all(type(v) in _PLAIN for v in attributes.values()):
-            attributes = BoundedAttributes(attributes=attributes, immutable=True)  # cleans values
+        for value in attributes.values():
+            if type(value) not in _PLAIN:
+                attributes = BoundedAttributes(attributes=attributes, immutable=True)  # cleans values
+                break
         sdk = self._sdk
         sdk.span_processor.on_end(
             ReadableSpan(
                 name=self._name, context=self._context, parent=self._parent, resource=sdk.resource,
-                attributes=attributes, events=tuple(self._events), kind=self._kind, status=self._status,
+                attributes=attributes, events=tuple(self._events or ()), kind=self._kind, status=self._status,
                 start_time=self._start, end_time=self._end, instrumentation_scope=self._scope,
             )
         )  # fmt: skip

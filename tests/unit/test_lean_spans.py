@@ -7,7 +7,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from telemetry.spans import LeanTracer
@@ -89,3 +89,51 @@ def test_values_that_are_not_plain_scalars_are_cleaned_like_the_sdk_does() -> No
     lean, sdk = exporter.get_finished_spans()
     assert dict(lean.attributes or {}) == dict(sdk.attributes or {})
     assert dict(lean.attributes or {})["tags"] == ("a", "b")
+
+
+def test_vigils_own_sampler_is_decided_inline_exactly_as_the_sdk_decides() -> None:
+    """For ``ParentBased(TraceIdRatioBased(r))`` the lean tracer decides without calling the
+    sampler, and decides alike: for random roots at several ratios and for local and remote
+    parents, sampled or not, its sampled flag, random-trace-id flag and trace state equal what
+    the SDK's own span gets under the same sampler and parent."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    from telemetry.spans import _ratio_bound
+
+    ids = RandomIdGenerator()
+    for ratio in (0.0, 0.1, 0.5, 1.0):
+        provider, _ = _provider(ParentBased(TraceIdRatioBased(ratio)))
+        lean, sdk = LeanTracer(provider, "lean"), provider.get_tracer("sdk")
+        assert _ratio_bound(provider.sampler) == TraceIdRatioBased(ratio).bound
+        for _ in range(200):  # roots: the same trace id decides both
+            span = lean.start_span("root")
+            ctx = span.get_span_context()
+            decision = TraceIdRatioBased(ratio).should_sample(None, ctx.trace_id, "root").decision
+            expected = decision is Decision.RECORD_AND_SAMPLE
+            assert ctx.trace_flags.sampled is expected and span.is_recording() is expected
+            assert ctx.trace_flags.random_trace_id and ctx.is_valid and not ctx.is_remote
+        for remote in (False, True):
+            for flags in (TraceFlags.DEFAULT, TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID):
+                state = TraceState([("vendor", "x")])
+                trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
+                parent_ctx = SpanContext(trace_id, span_id, remote, TraceFlags(flags), state)
+                parent = trace.set_span_in_context(NonRecordingSpan(parent_ctx))
+                mine = lean.start_span("child", context=parent).get_span_context()
+                theirs = sdk.start_span("child", context=parent).get_span_context()
+                assert (mine.trace_id, mine.trace_flags, mine.trace_state) == (
+                    theirs.trace_id, theirs.trace_flags, theirs.trace_state,
+                )  # fmt: skip
+
+
+def test_any_other_sampler_is_asked() -> None:
+    """A sampler other than Vigil's own (here ParentBased with a non-default delegate, and
+    ALWAYS_OFF) is called for every span: the inline decision is only for the known shape."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    from telemetry.spans import _ratio_bound
+
+    assert _ratio_bound(ALWAYS_OFF) is None
+    assert _ratio_bound(ParentBased(TraceIdRatioBased(1.0), local_parent_not_sampled=ALWAYS_ON)) is None
+    provider, _ = _provider(ParentBased(ALWAYS_OFF))
+    assert not LeanTracer(provider, "x").start_span("root").is_recording()
