@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from telemetry.logging import get_logger, json_lines, request_id_var, write_json_line
+from telemetry.logging import AccessLine, access_lines, get_logger, json_lines, request_id_var
 from telemetry.metrics import Metrics
 from telemetry.spans import LeanTracer
 
@@ -88,20 +88,11 @@ class HttpTelemetry:
                 "http_request", method=method, route=route, path=path, status=status, duration_ms=duration_ms
             )
             return
-        write_json_line(
-            {
-                "method": method,
-                "route": route,
-                "path": path,
-                "status": status,
-                "duration_ms": duration_ms,
-                "event": "http_request",
-                "level": "info",
-                "request_id": rid,
-                "trace_id": trace_hex,
-                "span_id": format(span_id, "016x"),
-            }
-        )
+        line = AccessLine(
+            method, route, path, status, duration_ms, "http_request", "info",
+            rid, trace_hex, format(span_id, "016x"), time.time(),
+        )  # fmt: skip
+        access_lines.add(line)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

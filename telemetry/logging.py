@@ -21,13 +21,13 @@ import structlog
 from opentelemetry import trace
 
 __all__ = [
+    "AccessLine",
     "AccessLines",
     "access_lines",
     "configure_logging",
     "get_logger",
     "json_lines",
     "request_id_var",
-    "write_json_line",
 ]
 
 #: The id of the HTTP request being served (its ``X-Request-ID``, or else its trace id).
@@ -37,18 +37,29 @@ _json_lines = True
 
 
 def json_lines() -> bool:
-    """True when logs are JSON lines (then hot paths may use :func:`write_json_line`)."""
+    """True when logs are JSON lines (then the access line may skip structlog: :class:`AccessLine`)."""
     return _json_lines
 
 
-def write_json_line(fields: dict[str, Any]) -> None:
-    """Write one log line as structlog's JSON renderer would, without its processor chain.
+class AccessLine(msgspec.Struct):
+    """One per-request access line, written as structlog's JSON renderer writes a line, with the
+    same keys in the same order, without its processor chain (~40 µs cheaper, D14). A struct
+    instead of a dict: built in C, and encoded ~35% faster (D68)."""
 
-    For the per-request access line only (it is ~40 µs cheaper): ``fields`` must already carry
-    ``event``, ``level`` and the correlation ids. The line goes through :data:`access_lines`
-    (written at once, or batched: :class:`AccessLines`)."""
-    fields["timestamp"] = time.time()
-    access_lines.add(fields)
+    method: str
+    route: str
+    path: str
+    status: int
+    duration_ms: float
+    event: str
+    """Always ``http_request``."""
+    level: str
+    """Always ``info``."""
+    request_id: str
+    trace_id: str
+    span_id: str
+    timestamp: float | datetime
+    """``time.time()`` when added; the UTC datetime (``...T12:00:00.123456Z``) when written."""
 
 
 class AccessLines:
@@ -62,17 +73,16 @@ class AccessLines:
     also registered with ``atexit``). A crash loses at most ``interval`` seconds of access
     lines; every other log line is written at once.
 
-    Lines wait as their fields and are encoded when written: one tight loop per batch costs
-    less than an encoding per request in the middle of the request's work (D61). ``timestamp``
-    is a ``time.time()`` float until then."""
+    Lines wait as :class:`AccessLine` structs and are encoded when written: one tight loop per
+    batch costs less than an encoding per request in the middle of the request's work (D61)."""
 
     def __init__(self, interval: float = 0.0, max_lines: int = 256) -> None:
         self.interval, self.max_lines = interval, max_lines
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[AccessLine] = []
         self._last = time.monotonic()
 
-    def add(self, fields: dict[str, Any]) -> None:
-        self._pending.append(fields)
+    def add(self, line: AccessLine) -> None:
+        self._pending.append(line)
         if self.interval <= 0 or len(self._pending) >= self.max_lines or time.monotonic() - self._last >= self.interval:
             self.flush()
 
@@ -82,13 +92,11 @@ class AccessLines:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        encode, stamp, lines = _encoder.encode, datetime.fromtimestamp, []
-        for fields in pending:
+        stamp = datetime.fromtimestamp
+        for line in pending:
             # msgspec writes the datetime as structlog does: ...T12:00:00.123456Z
-            fields["timestamp"] = stamp(fields["timestamp"], UTC)
-            lines.append(encode(fields))
-        lines.append(b"")
-        data = b"\n".join(lines)
+            line.timestamp = stamp(line.timestamp, UTC)  # type: ignore[arg-type]
+        data = _encoder.encode_lines(pending)
         out = sys.stdout
         buffer = getattr(out, "buffer", None)
         if buffer is not None:

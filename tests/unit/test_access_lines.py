@@ -7,18 +7,30 @@ import contextlib
 import json
 from typing import Any
 
-from telemetry.logging import AccessLines
+from telemetry.logging import AccessLine, AccessLines
 
 
-def fields(n: int | str) -> dict[str, Any]:
-    """An access line's fields as ``write_json_line`` hands them over (``timestamp`` a float)."""
-    return {"n": n, "timestamp": 1.5}
+def fields(n: int | str) -> AccessLine:
+    """An access line as ``HttpTelemetry`` hands it over (``timestamp`` a float), ``n`` its path."""
+    return AccessLine("GET", "/r/{n}", f"/r/{n}", 200, 1.25, "http_request", "info", "rid", "t" * 32, "s" * 16, 1.5)
 
 
 def text(*ns: int | str) -> str:
-    """What those lines look like on standard output: JSON, the timestamp as structlog writes it."""
+    """What those lines look like on standard output: one JSON object per line, with the keys
+    of structlog's renderer in order and the timestamp as structlog writes it."""
     stamp = "1970-01-01T00:00:01.500000Z"
-    return "".join(json.dumps({"n": n, "timestamp": stamp}, separators=(",", ":")) + "\n" for n in ns)
+    return "".join(
+        json.dumps(
+            {
+                "method": "GET", "route": "/r/{n}", "path": f"/r/{n}", "status": 200, "duration_ms": 1.25,
+                "event": "http_request", "level": "info", "request_id": "rid", "trace_id": "t" * 32,
+                "span_id": "s" * 16, "timestamp": stamp,
+            },
+            separators=(",", ":"),
+        )
+        + "\n"
+        for n in ns
+    )  # fmt: skip
 
 
 def test_with_interval_zero_each_line_is_written_at_once(capsys: Any) -> None:
