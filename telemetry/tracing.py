@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -78,12 +79,13 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
 
     def wrap(original: Any) -> Any:
         def traced(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
-            parent = trace.get_current_span().get_span_context()
-            if not parent.trace_flags.sampled or not is_instrumentation_enabled():
+            ctx = otel_context.get_current()  # read once: parent, suppression, and the span's parent
+            parent = trace.get_current_span(ctx).get_span_context()
+            if not parent.trace_flags.sampled or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY):
                 return original(cursor, statement, *args, **kwargs)
             # asyncpg binds values as $n: no data in the statement text
             span = tracer.start_span(
-                span_name(statement), kind=SpanKind.CLIENT, attributes={**attributes, "db.query.text": statement}
+                span_name(statement), ctx, SpanKind.CLIENT, {**attributes, "db.query.text": statement}
             )
             try:
                 return original(cursor, statement, *args, **kwargs)

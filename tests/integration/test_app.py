@@ -160,6 +160,40 @@ async def test_server_span_named_by_template_with_db_child_and_parent(client: As
     assert r.headers["x-request-id"] == trace_id
 
 
+async def test_sql_spans_follow_the_trace_and_respect_suppression(migrated_url: str, spans) -> None:  # type: ignore[no-untyped-def]
+    """A statement run inside a sampled span becomes its CLIENT child named by its operation,
+    with the statement text; outside any span, inside an unsampled one, or with
+    instrumentation suppressed, a statement records nothing."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from telemetry.tracing import instrument_engine
+
+    engine = create_async_engine(migrated_url)
+    instrument_engine(engine, trace.get_tracer_provider())  # type: ignore[arg-type]
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))  # no span around it
+            unsampled = NonRecordingSpan(SpanContext(1, 2, False, TraceFlags(TraceFlags.DEFAULT)))
+            with trace.use_span(unsampled):
+                await conn.execute(text("SELECT 2"))
+            with trace.get_tracer("test").start_as_current_span("outer") as outer:
+                token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+                try:
+                    await conn.execute(text("SELECT 3"))
+                finally:
+                    otel_context.detach(token)
+                await conn.execute(text("SELECT 4"))
+    finally:
+        await engine.dispose()
+    sql = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT and s.name.startswith("SELECT")]
+    assert [s.attributes["db.query.text"] for s in sql] == ["SELECT 4"]
+    assert sql[0].name == "SELECT app" and sql[0].parent.span_id == outer.get_span_context().span_id
+
+
 async def test_redis_commands_are_child_spans(client: AsyncTestClient, redis_server: EmbeddedRedis, spans) -> None:  # type: ignore[no-untyped-def,type-arg]
     """Once an app is built, Redis commands issued inside a span are recorded as its children."""
     import redis.asyncio as aioredis
