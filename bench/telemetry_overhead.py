@@ -209,8 +209,8 @@ def cpu_seconds(pid: int) -> float:
 
 Figures = dict[str, dict[str, list[float]]]
 
-# Requests per route in the instruction count: enough that the startup difference between two
-# runs (a few thousand instructions of timers) is noise below 0.1% per request.
+# Requests per route in the instruction count: enough that the start-up difference between two
+# runs (timers, the prober) is below 0.1% per request.
 COUNTED = {"trivial": 2000, "query": 600}
 
 
@@ -267,7 +267,8 @@ def instructions_of(variant: str, env: dict[str, str], tmp: Path, valgrind: str,
 def measure_instructions(env: dict[str, str], tmp: Path) -> dict[str, dict[str, float]]:
     """Instructions per request of every variant and route: the difference between a run that
     served ``COUNTED[route]`` requests and one that only started and stopped, divided by the
-    count. Deterministic up to a fraction of a percent, whatever else the machine runs."""
+    count. The same to within about 2% (when the garbage collector runs depends on timing),
+    whatever else the machine runs."""
     valgrind = ensure_tool("valgrind")
     per_request: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
     for variant in VARIANTS:

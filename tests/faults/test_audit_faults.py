@@ -189,7 +189,11 @@ async def test_shutdown_with_postgres_and_redis_down_spools_the_buffer_for_the_n
             return (await asyncio.to_thread(stored, own_pg))[0] == 10
 
         await eventually(replayed, timeout=15, interval=0.1)
-        text = await metrics_of(client)
-        assert value(text, "audit_entries_total", outcome="replayed") == 10
+
+        async def counted() -> bool:
+            # The counter moves once the replay's commit returns, a moment after the rows show.
+            return value(await metrics_of(client), "audit_entries_total", outcome="replayed") == 10
+
+        await eventually(counted, timeout=5, interval=0.05)
     assert stored(own_pg) == (10, 10, 10)
     assert not (spool / "audit.jsonl").exists()
