@@ -43,9 +43,10 @@ class MetricSpec:
     the connection pool) rather than updated as things happen."""
 
     per_request: bool = False
-    """True for a histogram observed on every HTTP request, from the event loop's thread only:
-    it is a :class:`telemetry.metrics.LoopHistogram` (no lock, exemplars kept per bucket) rather
-    than prometheus-client's ``Histogram`` (D68). Exposed alike, without the ``_created`` sample."""
+    """True for a histogram observed on every request (its latency, its pool checkout), from one
+    event loop's thread only: it is a :class:`telemetry.metrics.LoopHistogram` (no lock,
+    exemplars kept per bucket) rather than prometheus-client's ``Histogram`` (D68). Exposed
+    alike, without the ``_created`` sample."""
 
 
 CATALOGUE: tuple[MetricSpec, ...] = (
@@ -106,6 +107,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         ("db_client_connection_pool_name",),
         "Time spent waiting for a pooled connection.",
         buckets=WAIT_BUCKETS,
+        per_request=True,
     ),
     # --- Dependencies and schema --------------------------------------------------------------
     MetricSpec(

@@ -57,4 +57,4 @@ def test_labels_are_checked_and_children_reused() -> None:
 def test_only_per_request_histograms_are_loop_histograms() -> None:
     """Asking for another metric as a loop histogram fails loudly."""
     with pytest.raises(TypeError, match="per_request"):
-        Metrics().loop_histogram("db_client_connection_wait_time_seconds")
+        Metrics().loop_histogram("workflow_step_duration_seconds")
