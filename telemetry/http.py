@@ -72,11 +72,10 @@ class HttpTelemetry:
         for method, count in list(self._in_flight.items()):
             yield (method,), float(count)
 
-    def _duration_child(self, method: str, route: str, status: int) -> Any:
-        key = (method, route, status)
-        child = self._duration_children.get(key)
-        if child is None:
-            child = self._duration_children[key] = self._duration.labels(method, route, str(status))
+    def _new_duration_child(self, method: str, route: str, status: int) -> Any:
+        """The latency series of a (method, route, status) seen for the first time, cached by the
+        int status so that later requests skip the label conversion."""
+        child = self._duration_children[(method, route, status)] = self._duration.labels(method, route, str(status))
         return child
 
     def _access(
@@ -159,7 +158,9 @@ class HttpTelemetry:
                     span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
-            child = self._duration_children.get((method, route, status)) or self._duration_child(method, route, status)
+            child = self._duration_children.get((method, route, status))
+            if child is None:
+                child = self._new_duration_child(method, route, status)
             child.observe(elapsed, trace_hex if span_ctx.trace_flags.sampled else None)
             if self._access_log:
                 self._access(method, route, scope["path"], status, elapsed, request_id, trace_hex, span_ctx.span_id)
