@@ -41,6 +41,10 @@ def test_a_lean_span_is_exported_with_its_name_kind_attributes_events_status_and
     assert done.instrumentation_scope is not None and done.instrumentation_scope.name == "vigil.http"
     assert done.start_time is not None and done.end_time is not None and done.start_time <= done.end_time
     assert encode_spans([done]).resource_spans  # the OTLP exporter's encoder accepts it
+    # The span is its own ReadableSpan: every read-only property works on it, nothing changes.
+    assert done.links == () and done.dropped_attributes == done.dropped_events == done.dropped_links == 0
+    assert isinstance(done.events, tuple) and done.resource is provider.resource
+    assert '"name": "GET /things/{id}"' in done.to_json()
 
 
 def test_lean_and_sdk_spans_nest_both_ways_in_one_trace() -> None:
@@ -95,7 +99,8 @@ def test_vigils_own_sampler_is_decided_inline_exactly_as_the_sdk_decides() -> No
     """For ``ParentBased(TraceIdRatioBased(r))`` the lean tracer decides without calling the
     sampler, and decides alike: for random roots at several ratios and for local and remote
     parents, sampled or not, its sampled flag, random-trace-id flag and trace state equal what
-    the SDK's own span gets under the same sampler and parent."""
+    the SDK's own span gets under the same sampler and parent; and the span context, built
+    without SpanContext's constructor, equals the one that constructor builds."""
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
@@ -113,6 +118,7 @@ def test_vigils_own_sampler_is_decided_inline_exactly_as_the_sdk_decides() -> No
             expected = decision is Decision.RECORD_AND_SAMPLE
             assert ctx.trace_flags.sampled is expected and span.is_recording() is expected
             assert ctx.trace_flags.random_trace_id and ctx.is_valid and not ctx.is_remote
+            assert ctx == SpanContext(ctx.trace_id, ctx.span_id, False, ctx.trace_flags, ctx.trace_state)
         for remote in (False, True):
             for flags in (TraceFlags.DEFAULT, TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID):
                 state = TraceState([("vendor", "x")])
@@ -124,6 +130,7 @@ def test_vigils_own_sampler_is_decided_inline_exactly_as_the_sdk_decides() -> No
                 assert (mine.trace_id, mine.trace_flags, mine.trace_state) == (
                     theirs.trace_id, theirs.trace_flags, theirs.trace_state,
                 )  # fmt: skip
+                assert mine == SpanContext(mine.trace_id, mine.span_id, False, mine.trace_flags, mine.trace_state)
 
 
 def test_any_other_sampler_is_asked() -> None:
