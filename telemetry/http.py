@@ -22,14 +22,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from telemetry.logging import AccessLine, access_lines, get_logger, json_lines, request_id_var
 from telemetry.metrics import Metrics
-from telemetry.spans import LeanTracer
+from telemetry.spans import LeanTracer, attach_span, detach_span
 
 __all__ = ["RESPONSE_HEADERS", "UNMATCHED_ROUTE", "HttpTelemetry", "add_response_header"]
 
@@ -81,7 +80,9 @@ class HttpTelemetry:
     def _access(
         self, method: str, route: str, path: str, status: int, elapsed: float, rid: str, trace_hex: str, span_id: int
     ) -> None:
-        duration_ms = round(elapsed * 1000, 3)
+        # Milliseconds to the microsecond: round() to an int is cheap, round(x, 3) is not (~4,000
+        # CPU instructions: it rounds through a decimal string).
+        duration_ms = round(elapsed * 1_000_000) / 1000
         if not json_lines():
             self._log.info(
                 "http_request", method=method, route=route, path=path, status=status, duration_ms=duration_ms
@@ -89,7 +90,7 @@ class HttpTelemetry:
             return
         line = AccessLine(
             method, route, path, status, duration_ms, "http_request", "info",
-            rid, trace_hex, format(span_id, "016x"), time.time(),
+            rid, trace_hex, span_id.to_bytes(8, "big").hex(), time.time(),
         )  # fmt: skip
         access_lines.add(line)
 
@@ -120,16 +121,19 @@ class HttpTelemetry:
             attributes={"http.request.method": method, "url.path": scope["path"], "url.scheme": scope["scheme"]},
         )
         span_ctx = span.get_span_context()
-        trace_hex = format(span_ctx.trace_id, "032x")  # formatted once: request id, exemplar, log
+        sampled = span_ctx.trace_flags.sampled
+        trace_hex = span_ctx.trace_id.to_bytes(16, "big").hex()  # once: request id, exemplar, log line
         request_id = incoming_rid or trace_hex
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        token = attach_span(span, parent)
         rid_token = request_id_var.set(request_id)
         in_flight = self._in_flight
         in_flight[method] = in_flight.get(method, 0) + 1
         status = 500
         rid_header = (b"x-request-id", request_id.encode())
 
-        async def send_with_status(message: dict[str, Any]) -> None:
+        # Not a coroutine: it hands back the awaitable of the server's ``send`` (an ASGI send
+        # only has to return an awaitable), one coroutine fewer per message.
+        def send_with_status(message: dict[str, Any]) -> Any:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -138,7 +142,7 @@ class HttpTelemetry:
                 if extra:
                     headers += extra.items()
                 message = {**message, "headers": headers}
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_status)
@@ -161,9 +165,9 @@ class HttpTelemetry:
             child = self._duration_children.get((method, route, status))
             if child is None:
                 child = self._new_duration_child(method, route, status)
-            child.observe(elapsed, trace_hex if span_ctx.trace_flags.sampled else None)
+            child.observe(elapsed, trace_hex if sampled else None)
             if self._access_log:
                 self._access(method, route, scope["path"], status, elapsed, request_id, trace_hex, span_ctx.span_id)
             span.end()
             request_id_var.reset(rid_token)
-            otel_context.detach(token)
+            detach_span(token)

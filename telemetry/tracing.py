@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.sdk.resources import Resource
@@ -21,8 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
-from telemetry.spans import LeanTracer
+from telemetry.spans import LeanTracer, current_context
 
 __all__ = ["instrument_engine", "instrument_redis", "setup_tracing"]
 
@@ -79,14 +79,19 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
 
     def wrap(original: Any) -> Any:
         def traced(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
-            ctx = otel_context.get_current()  # read once: parent, suppression, and the span's parent
-            parent = trace.get_current_span(ctx).get_span_context()
-            if not parent.trace_flags.sampled or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY):
+            ctx = current_context()  # read once: parent, suppression, and the span's parent
+            parent: Any = ctx.get(_SPAN_KEY)
+            if (
+                parent is None
+                or not parent.get_span_context().trace_flags.sampled
+                or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY)
+            ):
                 return original(cursor, statement, *args, **kwargs)
             # asyncpg binds values as $n: no data in the statement text
             span = tracer.start_span(
-                span_name(statement), ctx, SpanKind.CLIENT, {**attributes, "db.query.text": statement}
-            )
+                names.get(statement) or span_name(statement), ctx, SpanKind.CLIENT,
+                {**attributes, "db.query.text": statement},
+            )  # fmt: skip
             try:
                 return original(cursor, statement, *args, **kwargs)
             except BaseException as exc:

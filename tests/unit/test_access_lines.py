@@ -70,3 +70,18 @@ async def test_the_periodic_task_writes_waiting_lines_while_idle_and_at_cancella
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert capsys.readouterr().out == text("last")
+
+
+def test_timestamps_are_written_as_structlog_writes_them(capsys: Any) -> None:
+    """Each line's ``time.time()`` becomes the UTC ISO time structlog's ``TimeStamper`` writes:
+    microseconds, no fraction on a whole second, ``Z``."""
+    lines = AccessLines(interval=60)
+    for stamp in (0.0, 1.5, 1_764_460_800.0, 1_764_460_800.25):
+        line = fields(1)
+        line.timestamp = stamp
+        lines.add(line)
+    lines.flush()
+    written = [json.loads(line)["timestamp"] for line in capsys.readouterr().out.splitlines()]
+    assert written == [
+        "1970-01-01T00:00:00Z", "1970-01-01T00:00:01.500000Z", "2025-11-30T00:00:00Z", "2025-11-30T00:00:00.250000Z",
+    ]  # fmt: skip
