@@ -15,11 +15,7 @@ def session_provider(db: DatabaseGuard) -> Callable[[], AsyncIterator[AsyncSessi
     """The dependency for ``db``: it yields a session through the database breaker
     (``guardrails.database``), refused with 503 + Retry-After while the breaker is open; a pool
     checkout that waits longer than ``db_pool_timeout_seconds`` raises, which the error handlers
-    answer with 503. A closure without parameters: a ``state: State`` parameter made Litestar
-    build two ``State`` objects and convert them on every request that reads the database."""
-
-    async def provide_db_session() -> AsyncIterator[AsyncSession]:
-        async with db.session() as session:
-            yield session
-
-    return provide_db_session
+    answer with 503. It is :meth:`DatabaseGuard.sessions`, a method without parameters: a
+    ``state: State`` parameter made Litestar build two ``State`` objects and convert them on
+    every request that reads the database."""
+    return db.sessions

@@ -54,9 +54,11 @@ class DatabaseGuard:
         self.breaker = breaker
         self.retrier = retrier
 
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session whose use is one call through the breaker."""
+    async def sessions(self) -> AsyncIterator[AsyncSession]:
+        """One session whose use is one call through the breaker, as an async generator. It is
+        the ``db_session`` dependency itself (Litestar drives it and throws a handler's error
+        into it: one generator per request instead of a generator around a context manager
+        around a generator, D69); :meth:`session` is the same as a context manager."""
         try:
             start = self.breaker.acquire()
         except CallNotPermitted as refused:
@@ -77,6 +79,9 @@ class DatabaseGuard:
             raise
         else:
             self.breaker.record(start, None)
+
+    session = asynccontextmanager(sessions)
+    """``async with guard.session() as session:`` a session through the breaker (:meth:`sessions`)."""
 
     async def read(self, operation: str, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run an idempotent read, retrying transient errors; ``operation`` names it in metrics."""

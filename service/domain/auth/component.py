@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from litestar.config.app import AppConfig
+from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
 
 from service.domain.auth.middleware import AuthenticationMiddleware
@@ -37,5 +38,5 @@ class AuthComponent(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.route_handlers.append(build_router(self.service))
-        app_config.middleware.append(AuthenticationMiddleware(self.tokens))
+        app_config.middleware.append(DefineMiddleware(AuthenticationMiddleware, tokens=self.tokens))
         return app_config
