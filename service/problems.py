@@ -28,7 +28,7 @@ from litestar.exceptions import HTTPException, SerializationException, Validatio
 from sqlalchemy import exc as sa_exc
 
 from service.guardrails.retry import connection_lost
-from telemetry.logging import get_logger, request_id_var
+from telemetry.logging import current_request_id, get_logger
 
 __all__ = ["PROBLEM_JSON", "ServiceUnavailable", "exception_handlers", "problem"]
 
@@ -51,7 +51,7 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None, **e
     if detail:
         body["detail"] = detail
     body.update(extra)
-    rid = request_id_var.get()
+    rid = current_request_id()
     if rid is not None:
         body["request_id"] = rid
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)

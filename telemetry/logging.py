@@ -12,7 +12,6 @@ import atexit
 import logging
 import sys
 import time
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,18 +19,26 @@ import msgspec
 import structlog
 from opentelemetry import trace
 
+from telemetry.spans import REQUEST_ID_KEY, current_context
+
 __all__ = [
     "AccessLine",
     "AccessLines",
     "access_lines",
     "configure_logging",
+    "current_request_id",
     "get_logger",
     "json_lines",
-    "request_id_var",
 ]
 
-#: The id of the HTTP request being served (its ``X-Request-ID``, or else its trace id).
-request_id_var: ContextVar[str | None] = ContextVar("vigil_request_id", default=None)
+
+def current_request_id() -> str | None:
+    """The id of the HTTP request being served (its ``X-Request-ID``, or else its trace id);
+    None outside a request. It lives in the request's OpenTelemetry context beside its span:
+    one context to set per request instead of two (D69)."""
+    value = current_context().get(REQUEST_ID_KEY)
+    return value if isinstance(value, str) else None
+
 
 _json_lines = True
 
@@ -80,10 +87,16 @@ class AccessLines:
         self.interval, self.max_lines = interval, max_lines
         self._pending: list[AccessLine] = []
         self._last = time.monotonic()
+        self._timer = False  # True while run() flushes every interval: add() skips the clock
 
     def add(self, line: AccessLine) -> None:
-        self._pending.append(line)
-        if self.interval <= 0 or len(self._pending) >= self.max_lines or time.monotonic() - self._last >= self.interval:
+        pending = self._pending
+        pending.append(line)
+        if (
+            len(pending) >= self.max_lines
+            or self.interval <= 0
+            or (not self._timer and time.monotonic() - self._last >= self.interval)
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -110,11 +123,13 @@ class AccessLines:
         """Flush every ``interval`` seconds until cancelled (lines never wait longer while idle)."""
         if self.interval <= 0:
             return
+        self._timer = True
         try:
             while True:
                 await asyncio.sleep(self.interval)
                 self.flush()
         finally:
+            self._timer = False
             self.flush()
 
 
@@ -127,7 +142,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def _add_correlation(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    rid = request_id_var.get()
+    rid = current_request_id()
     if rid is not None:
         event.setdefault("request_id", rid)
     ctx = trace.get_current_span().get_span_context()

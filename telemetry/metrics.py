@@ -56,14 +56,15 @@ class LoopSeries:
         self.exemplars: list[tuple[str, float, float] | None] = [None] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, amount: float, trace_id: str | None = None) -> None:
+    def observe(self, amount: float, trace_id: str | None = None, now: float | None = None) -> None:
         """Count ``amount`` in the first bucket whose bound is >= it (prometheus-client's rule);
-        with ``trace_id``, it becomes that bucket's exemplar."""
+        with ``trace_id``, it becomes that bucket's exemplar, stamped ``now`` (``time.time()``
+        when not given)."""
         i = bisect_left(self._bounds, amount)
         self.counts[i] += 1
         self.sum += amount
         if trace_id is not None:
-            self.exemplars[i] = (trace_id, amount, time())
+            self.exemplars[i] = (trace_id, amount, time() if now is None else now)
 
 
 class LoopHistogram(Collector):

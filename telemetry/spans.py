@@ -40,7 +40,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, INVALID_SPAN_CONTEXT
 from opentelemetry.util import types
 
-__all__ = ["LeanTracer", "attach_span", "current_context", "detach_span"]
+__all__ = ["REQUEST_ID_KEY", "LeanTracer", "attach_span", "current_context", "detach_span"]
 
 _PLAIN = frozenset({str, bool, int, float})
 _UNSET = Status(StatusCode.UNSET)  # immutable: one for every new span
@@ -63,13 +63,21 @@ def current_context() -> Context:
     return _current_var.get() if _current_var is not None else otel_context.get_current()
 
 
-def attach_span(span: trace.Span, parent: Context | None = None) -> object:
-    """``otel_context.attach(trace.set_span_in_context(span, parent))``: make ``span`` current
-    (in ``parent``, or else in the current context); the token is for :func:`detach_span`."""
+REQUEST_ID_KEY = otel_context.create_key("vigil.request_id")
+"""Context key of the id of the HTTP request being served (``telemetry.logging.current_request_id``)."""
+
+
+def attach_span(span: trace.Span, parent: Context | None = None, request_id: str | None = None) -> object:
+    """``otel_context.attach(trace.set_span_in_context(span, parent))``, and the request's id
+    under :data:`REQUEST_ID_KEY` when given: make them current (in ``parent``, or else in the
+    current context) in one context; the token is for :func:`detach_span`."""
+    base = parent if parent is not None else current_context()
+    values = {**base, _SPAN_KEY: span}
+    if request_id is not None:
+        values[REQUEST_ID_KEY] = request_id
     if _current_var is None:
-        return otel_context.attach(trace.set_span_in_context(span, parent))
-    base = parent if parent is not None else _current_var.get()
-    return _current_var.set(Context({**base, _SPAN_KEY: span}))
+        return otel_context.attach(Context(values))
+    return _current_var.set(Context(values))
 
 
 def detach_span(token: object) -> None:

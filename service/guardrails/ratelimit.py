@@ -75,7 +75,7 @@ from redis.exceptions import NoScriptError
 from service.clientip import TrustedProxies, client_ip
 from service.problems import PROBLEM_JSON
 from service.settings import Settings, SettingsError
-from telemetry.logging import get_logger, request_id_var
+from telemetry.logging import current_request_id, get_logger
 from telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -447,7 +447,7 @@ async def _reject(decision: Decision, send: Any) -> None:
         "detail": f"Rate limit of the {decision.policy} policy exceeded; retry in {retry_after} s.",
         "policy": decision.policy,
     }
-    rid = request_id_var.get()
+    rid = current_request_id()
     if rid is not None:
         problem["request_id"] = rid
     body = msgspec.json.encode(problem)

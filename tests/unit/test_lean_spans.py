@@ -144,3 +144,28 @@ def test_any_other_sampler_is_asked() -> None:
     assert _ratio_bound(ParentBased(TraceIdRatioBased(1.0), local_parent_not_sampled=ALWAYS_ON)) is None
     provider, _ = _provider(ParentBased(ALWAYS_OFF))
     assert not LeanTracer(provider, "x").start_span("root").is_recording()
+
+
+def test_attach_span_makes_span_and_request_id_current_until_detached() -> None:
+    """``attach_span`` puts the span and the request's id in one current context: the API's
+    ``get_current_span``, ``current_request_id`` and structlog's correlation fields read them,
+    and a span started next is its child; ``detach_span`` restores the context before (no
+    request id outside a request)."""
+    from telemetry.logging import _add_correlation, current_request_id
+    from telemetry.spans import attach_span, detach_span
+
+    provider, _ = _provider()
+    tracer = LeanTracer(provider, "vigil.http")
+    server = tracer.start_span("GET", kind=SpanKind.SERVER)
+    assert current_request_id() is None
+    token = attach_span(server, None, "req-1")
+    try:
+        assert trace.get_current_span() is server and current_request_id() == "req-1"
+        child = tracer.start_span("SELECT vigil").get_span_context()
+        assert child.trace_id == server.get_span_context().trace_id
+        fields = _add_correlation(None, "info", {})
+        assert fields["request_id"] == "req-1"
+        assert fields["span_id"] == format(server.get_span_context().span_id, "016x")
+    finally:
+        detach_span(token)
+    assert current_request_id() is None and trace.get_current_span() is not server

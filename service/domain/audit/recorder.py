@@ -45,7 +45,7 @@ from service.db.models import AuditLogEntry
 from service.guardrails.database import DatabaseGuard, DatabaseUnavailable
 from service.guardrails.dlq import DeadLetterQueue, DeadLetterUnavailable
 from service.guardrails.retry import is_transient
-from telemetry.logging import get_logger, request_id_var
+from telemetry.logging import current_request_id, get_logger
 from telemetry.metrics import Metrics
 
 __all__ = ["AuditEntry", "AuditRecorder", "database_outage"]
@@ -140,7 +140,7 @@ class AuditRecorder:
         try:
             entry = AuditEntry(
                 entry_id=uuid.uuid4(), occurred_at=datetime.now(UTC), action=action, actor_user_id=actor_user_id,
-                target_type=target_type, target_id=target_id, ip=ip, request_id=request_id_var.get(),
+                target_type=target_type, target_id=target_id, ip=ip, request_id=current_request_id(),
                 trace_id=_trace_id(), details=_json_details(details),
             )  # fmt: skip
             if self.pending() < self._size and not self._closed:
