@@ -40,10 +40,11 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, INVALID_SPAN_CONTEXT
 from opentelemetry.util import types
 
-__all__ = ["REQUEST_ID_KEY", "LeanTracer", "attach_span", "current_context", "detach_span"]
+__all__ = ["REQUEST_ID_KEY", "LeanSpan", "LeanTracer", "attach_span", "current_context", "detach_span"]
 
 _PLAIN = frozenset({str, bool, int, float})
 _UNSET = Status(StatusCode.UNSET)  # immutable: one for every new span
+_ERROR = Status(StatusCode.ERROR)
 _TRACE_ID_LIMIT = TraceIdRatioBased.TRACE_ID_LIMIT
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID)
@@ -71,13 +72,15 @@ def attach_span(span: trace.Span, parent: Context | None = None, request_id: str
     """``otel_context.attach(trace.set_span_in_context(span, parent))``, and the request's id
     under :data:`REQUEST_ID_KEY` when given: make them current (in ``parent``, or else in the
     current context) in one context; the token is for :func:`detach_span`."""
-    base = parent if parent is not None else current_context()
+    var = _current_var
+    if var is None:
+        base = parent if parent is not None else otel_context.get_current()
+    else:
+        base = parent if parent is not None else var.get()
     values = {**base, _SPAN_KEY: span}
     if request_id is not None:
         values[REQUEST_ID_KEY] = request_id
-    if _current_var is None:
-        return otel_context.attach(Context(values))
-    return _current_var.set(Context(values))
+    return otel_context.attach(Context(values)) if var is None else var.set(Context(values))
 
 
 def detach_span(token: object) -> None:
@@ -128,7 +131,7 @@ class LeanTracer:
         context: Context | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, Any] | None = None,
-    ) -> trace.Span:
+    ) -> LeanSpan | trace.NonRecordingSpan:
         """A span started now, as ``Tracer.start_span`` would (parent from ``context`` or the
         current context; not recording when the sampler drops it). A ``dict`` given as
         ``attributes`` becomes the span's own, not a copy: pass a fresh one."""
@@ -154,7 +157,7 @@ class LeanTracer:
         )  # fmt: skip
         if sampled.decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
-        span = _LeanSpan(sdk, self._scope, name, span_context, parent_ctx, kind, dict(sampled.attributes or {}))
+        span = LeanSpan(sdk, self._scope, name, span_context, parent_ctx, kind, dict(sampled.attributes or {}))
         sdk.span_processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
@@ -166,7 +169,7 @@ class LeanTracer:
         parent: SpanContext,
         kind: SpanKind,
         attributes: Mapping[str, Any] | None,
-    ) -> trace.Span:
+    ) -> LeanSpan | trace.NonRecordingSpan:
         """``start_span`` for Vigil's own sampler and the SDK's random ids: the same decision,
         ids and flags, made inline (see :func:`_ratio_bound`)."""
         span_id = getrandbits(64) or self._sdk.id_generator.generate_span_id()
@@ -191,12 +194,12 @@ class LeanTracer:
         # The span keeps ``attributes`` as given when it is a dict (Vigil's two callers pass a
         # fresh one): one dict per span instead of two.
         own = attributes if type(attributes) is dict else dict(attributes or ())
-        span = _LeanSpan(self._sdk, self._scope, name, span_context, parent_ctx, kind, own)
+        span = LeanSpan(self._sdk, self._scope, name, span_context, parent_ctx, kind, own)
         self._sdk.span_processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
 
-class _LeanSpan(trace.Span, ReadableSpan):
+class LeanSpan(trace.Span, ReadableSpan):
     """A recording span: mutable until :meth:`end`, then handed, itself, to the processors.
 
     It is its own ``ReadableSpan``: it keeps its fields under ``ReadableSpan``'s names, so that
@@ -290,6 +293,19 @@ class _LeanSpan(trace.Span, ReadableSpan):
         if attributes:
             fields.update(attributes)
         self.add_event("exception", fields, timestamp)
+
+    def finish(self, name: str | None, attributes: dict[str, Any], error: bool) -> None:
+        """The end of a server span in one call: ``update_name(name)`` unless None,
+        ``set_attributes(attributes)``, ERROR status when ``error``, then :meth:`end`. Each call
+        saved on the per-request path is about a third of a microsecond (D69)."""
+        if self._end_time is not None:
+            return
+        if name is not None:
+            self._name = name
+        self._attributes.update(attributes)
+        if error and self._status.status_code is not StatusCode.OK:
+            self._status = _ERROR
+        self.end()
 
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is not None:

@@ -397,18 +397,24 @@ class RateLimitMiddleware:
         self.trusted = trusted
         self._groups: dict[str, Literal["auth", "api"] | None] = {}
 
-    async def decide(self, scope: dict[str, Any]) -> Decision | None:
-        """The decision for an HTTP ``scope``; None when its route is exempt."""
+    def group(self, scope: dict[str, Any]) -> Literal["auth", "api"] | None:
+        """The route group of an HTTP ``scope``; None when its route is exempt. Not a coroutine:
+        an exempt request (health, metrics) costs a dict lookup, not an await (D69)."""
         template = scope.get("path_template")
         if template is None:
-            group = route_group(scope["path"])
-        else:
-            try:
-                group = self._groups[template]
-            except KeyError:  # once per route: templates are few, paths are not
-                group = self._groups[template] = route_group(template)
-        if group is None:
-            return None
+            return route_group(scope["path"])
+        try:
+            return self._groups[template]
+        except KeyError:  # once per route: templates are few, paths are not
+            group = self._groups[template] = route_group(template)
+            return group
+
+    async def decide(self, scope: dict[str, Any]) -> Decision | None:
+        """The decision for an HTTP ``scope``; None when its route is exempt."""
+        group = self.group(scope)
+        return None if group is None else await self._decide(scope, group)
+
+    async def _decide(self, scope: dict[str, Any], group: Literal["auth", "api"]) -> Decision:
         if group == "api":
             user = scope.get("user")
             uid = getattr(user, "id", None) if user is not None else None
@@ -418,22 +424,21 @@ class RateLimitMiddleware:
         return await self.limiter.decide("auth", client_ip(scope, self.trusted))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        group = self.group(scope) if scope["type"] == "http" else None
+        if group is None:
             await self.app(scope, receive, send)
             return
-        decision = await self.decide(scope)
-        if decision is None:
-            await self.app(scope, receive, send)
-            return
+        decision = await self._decide(scope, group)
         if not decision.allowed:
             await _reject(decision, send)
             return
         headers = decision.headers()
 
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        def send_with_headers(message: dict[str, Any]) -> Any:
+            # Hands back the awaitable of ``send``: no coroutine per message (telemetry.http).
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_headers)
 
