@@ -206,7 +206,7 @@ class LeanSpan(trace.Span, ReadableSpan):
     class's read-only properties (what exporters read) work on it as they do on the SDK's
     spans, and after :meth:`end` every setter is a no-op. The SDK copies a span into a new
     ``ReadableSpan`` at the end because its spans stay shared and locked; a lean span has no
-    lock and nothing left to change, so no copy (about 7,000 CPU instructions per span, D69)."""
+    lock and nothing left to change, so no copy (about 8,000 CPU instructions per span, D69)."""
 
     __slots__ = (
         "_attributes", "_context", "_end_time", "_events", "_instrumentation_info", "_instrumentation_scope",
@@ -296,8 +296,8 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def finish(self, name: str | None, attributes: dict[str, Any], error: bool) -> None:
         """The end of a server span in one call: ``update_name(name)`` unless None,
-        ``set_attributes(attributes)``, ERROR status when ``error``, then :meth:`end`. Each call
-        saved on the per-request path is about a third of a microsecond (D69)."""
+        ``set_attributes(attributes)``, ERROR status when ``error`` (unless OK was set), then
+        :meth:`end`: one call instead of four on the per-request path (D69)."""
         if self._end_time is not None:
             return
         if name is not None:

@@ -169,3 +169,26 @@ def test_attach_span_makes_span_and_request_id_current_until_detached() -> None:
     finally:
         detach_span(token)
     assert current_request_id() is None and trace.get_current_span() is not server
+
+
+def test_finish_renames_sets_attributes_marks_errors_and_ends_in_one_call() -> None:
+    """``finish(name, attributes, error)`` is ``update_name`` (unless None), ``set_attributes``,
+    ERROR status when ``error`` and OK was not set, then ``end``: the processors get the span
+    once, and a second ``finish`` changes nothing."""
+    provider, exporter = _provider()
+    tracer = LeanTracer(provider, "vigil.http")
+    failed = tracer.start_span("GET", kind=SpanKind.SERVER, attributes={"url.path": "/x/1"})
+    failed.finish("GET /x/{id}", {"http.route": "/x/{id}", "http.response.status_code": 503}, True)  # type: ignore[union-attr]
+    failed.finish("GET other", {"late": 1}, False)  # type: ignore[union-attr]
+    unmatched = tracer.start_span("GET", kind=SpanKind.SERVER)
+    unmatched.finish(None, {"http.response.status_code": 404}, False)  # type: ignore[union-attr]
+    ok = tracer.start_span("GET", kind=SpanKind.SERVER)
+    ok.set_status(StatusCode.OK)
+    ok.finish(None, {}, True)  # type: ignore[union-attr]
+    first, second, third = exporter.get_finished_spans()
+    assert first.name == "GET /x/{id}" and first.status.status_code is StatusCode.ERROR
+    expected = {"url.path": "/x/1", "http.route": "/x/{id}", "http.response.status_code": 503}
+    assert dict(first.attributes or {}) == expected
+    assert second.name == "GET" and second.status.status_code is StatusCode.UNSET
+    assert dict(second.attributes or {}) == {"http.response.status_code": 404}
+    assert third.status.status_code is StatusCode.OK
