@@ -34,3 +34,21 @@ def test_rounds_that_spread_by_more_than_ten_points_give_no_verdict(capsys: Any)
     out = capsys.readouterr().out
     assert "NOISY" in out and "no verdict" in out
     assert "vigil/bare per round, query: 80.0%, 120.0%, 90.0%" in out
+
+
+def test_one_disturbed_round_among_eight_does_not_hide_the_verdict(capsys: Any) -> None:
+    """The guard is the interquartile range of the per-round ratios: with eight rounds, one
+    round a neighbour disturbed (here 60% among 91-93%) leaves a verdict on the median, while
+    rounds whose middle half spreads by more than 10 points still give none."""
+    steady = [91.0, 92.0, 93.0, 92.0, 60.0, 91.0, 93.0, 92.0]
+    rps = {
+        "bare": {"trivial": [100.0] * 8, "query": [100.0] * 8},
+        "vigil": {"trivial": [72.0] * 8, "query": steady},
+        "plugins": {"trivial": [20.0] * 8, "query": [50.0] * 8},
+    }
+    busy = {v: {r: [1.0] * 8 for r in bench.ROUTES} for v in bench.VARIANTS}
+    assert bench.report(rps, busy)[2] is True
+    assert "NOISY" not in capsys.readouterr().out
+    rps["vigil"]["query"] = [91.0, 70.0, 93.0, 75.0, 95.0, 72.0, 94.0, 92.0]
+    assert bench.report(rps, busy)[2] is False
+    assert "NOISY" in capsys.readouterr().out
