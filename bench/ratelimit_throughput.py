@@ -13,7 +13,7 @@ Variants, each ``--decisions`` sequential awaits on one event loop:
   ``RateLimit-Remaining``/``-Reset``: two EVALSHAs (why Vigil runs its own variant of the script).
 - ``vigil decide()``: ``RateLimiter.decide(policy, key)``: one EVALSHA, decision and header
   values, the fallback check, a prometheus-client counter per decision.
-- ``vigil middleware``: ``RateLimitMiddleware.decide(scope)``, the exact per-request code:
+- ``vigil middleware``: ``RateLimitMiddleware.decide(scope)``, the calls the middleware makes per request:
   route group from the template, client IP, then ``decide()``.
 
 Both Vigil rows must reach the target, and the wire record must show one EVALSHA per decision.

@@ -363,8 +363,8 @@ def measure(args: argparse.Namespace, tmp: Path, env: dict[str, str], wrk: str) 
 
 
 def spread(ratios: list[float]) -> float:
-    """How far the per-round ratios disagree: their interquartile range (robust to a round or
-    two that a neighbour on the machine disturbed; the full range with fewer than 4 rounds)."""
+    """How far the per-round ratios disagree: their interquartile range (robust to one round
+    a neighbour on the machine disturbed; the full range with fewer than 4 rounds)."""
     if len(ratios) < 4:
         return max(ratios) - min(ratios)
     q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -411,8 +411,7 @@ def report(rps: Figures, busy: Figures) -> tuple[dict[str, dict[str, float]], di
         print(f"vigil/bare per round, {route}: " + ", ".join(f"{x:.1%}" for x in paired))
     if noisy:
         print(
-            f"NOISY: the per-round ratios of {', '.join(noisy)} spread (interquartile range) by more than "
-            f"{MAX_SPREAD:.0%}: "
+            f"NOISY: the per-round ratios of {', '.join(noisy)} spread by more than {MAX_SPREAD:.0%}: "
             "no verdict from this run. Rerun on a quiet machine, or count instructions (--instructions)."
         )
     cpu_ratios = (

@@ -75,8 +75,9 @@ class AccessLines:
     With ``interval`` 0 each line is written and flushed at once. Otherwise lines are kept in
     memory and written together, one write per batch instead of a system call per request
     (about 8 µs of CPU per request here, D59), as nginx's ``access_log … buffer= flush=`` does:
-    when ``interval`` seconds have passed since the last write, when ``max_lines`` wait, by
-    the application's periodic :meth:`run` task while idle, and at shutdown (:meth:`flush`,
+    every ``interval`` seconds by the application's periodic :meth:`run` task (without it, by
+    :meth:`add` once ``interval`` seconds have passed since the last write: reading the clock
+    per line costs more than the task), when ``max_lines`` wait, and at shutdown (:meth:`flush`,
     also registered with ``atexit``). A crash loses at most ``interval`` seconds of access
     lines; every other log line is written at once.
 

@@ -19,6 +19,7 @@ Every other span in Vigil (jobs, integrations, Redis, ...) still comes from the 
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Mapping
 from random import getrandbits
@@ -39,6 +40,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, INVALID_SPAN_CONTEXT
 from opentelemetry.util import types
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["REQUEST_ID_KEY", "LeanSpan", "LeanTracer", "attach_span", "current_context", "detach_span"]
 
@@ -84,11 +87,16 @@ def attach_span(span: trace.Span, parent: Context | None = None, request_id: str
 
 
 def detach_span(token: object) -> None:
-    """``otel_context.detach(token)`` for a token of :func:`attach_span`, in the same task."""
+    """``otel_context.detach(token)`` for a token of :func:`attach_span`, in the same task. Like
+    the API, a token that does not fit (another task's) is logged, never raised: detaching runs
+    in ``finally`` blocks, where an error would hide the request's own."""
     if _current_var is None:
         otel_context.detach(token)  # type: ignore[arg-type]
-    else:
+        return
+    try:
         _current_var.reset(token)  # type: ignore[arg-type]
+    except (ValueError, RuntimeError):
+        _log.exception("Failed to detach context")
 
 
 def _ratio_bound(sampler: object) -> int | None:

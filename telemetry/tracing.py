@@ -68,13 +68,12 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
     names: dict[str, str] = {}
     dialect = engine.sync_engine.dialect
 
-    def span_name(statement: str) -> str:
-        name = names.get(statement)
-        if name is None:
-            operation = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
-            name = f"{operation} {url.database}" if url.database else operation
-            if len(names) < 2048:  # statements are code, but bound the cache anyway
-                names[statement] = name
+    def new_span_name(statement: str) -> str:
+        """The span name of a statement not in ``names`` yet (the callers look there first)."""
+        operation = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
+        name = f"{operation} {url.database}" if url.database else operation
+        if len(names) < 2048:  # statements are code, but bound the cache anyway
+            names[statement] = name
         return name
 
     def wrap(original: Any) -> Any:
@@ -89,7 +88,7 @@ def instrument_engine(engine: Any, provider: TracerProvider) -> None:
                 return original(cursor, statement, *args, **kwargs)
             # asyncpg binds values as $n: no data in the statement text
             span = tracer.start_span(
-                names.get(statement) or span_name(statement), ctx, SpanKind.CLIENT,
+                names.get(statement) or new_span_name(statement), ctx, SpanKind.CLIENT,
                 {**attributes, "db.query.text": statement},
             )  # fmt: skip
             try:

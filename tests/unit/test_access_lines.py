@@ -85,3 +85,23 @@ def test_timestamps_are_written_as_structlog_writes_them(capsys: Any) -> None:
     assert written == [
         "1970-01-01T00:00:00Z", "1970-01-01T00:00:01.500000Z", "2025-11-30T00:00:00Z", "2025-11-30T00:00:00.250000Z",
     ]  # fmt: skip
+
+
+async def test_while_the_flush_task_runs_add_leaves_the_clock_to_it(capsys: Any) -> None:
+    """With the periodic task running, :meth:`add` does not read the clock: a line added long
+    after the last write waits for the task's next round; once the task is cancelled, ``add``
+    checks the clock again and writes such a line at once."""
+    lines = AccessLines(interval=0.3)
+    task = asyncio.create_task(lines.run())
+    await asyncio.sleep(0)  # the task starts
+    lines._last -= 60  # the last write was long ago
+    lines.add(fields("timed"))
+    assert capsys.readouterr().out == ""
+    await asyncio.sleep(0.45)
+    assert capsys.readouterr().out == text("timed")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    lines._last -= 60
+    lines.add(fields("untimed"))
+    assert capsys.readouterr().out == text("untimed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import context, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
@@ -41,10 +43,17 @@ def test_a_lean_span_is_exported_with_its_name_kind_attributes_events_status_and
     assert done.instrumentation_scope is not None and done.instrumentation_scope.name == "vigil.http"
     assert done.start_time is not None and done.end_time is not None and done.start_time <= done.end_time
     assert encode_spans([done]).resource_spans  # the OTLP exporter's encoder accepts it
-    # The span is its own ReadableSpan: every read-only property works on it, nothing changes.
+    # The span is its own ReadableSpan: its read-only properties work, and nothing changes it
+    # after the end.
+    assert done.context == span.get_span_context() and done.parent is None
     assert done.links == () and done.dropped_attributes == done.dropped_events == done.dropped_links == 0
-    assert isinstance(done.events, tuple) and done.resource is provider.resource
+    assert done.resource is provider.resource and done.instrumentation_scope.name == "vigil.http"
     assert '"name": "GET /things/{id}"' in done.to_json()
+    span.add_event("late")
+    span.update_name("renamed")
+    span.set_status(StatusCode.OK)
+    assert done.name == "GET /things/{id}" and [e.name for e in done.events] == ["exception"]
+    assert done.status.status_code is StatusCode.ERROR
 
 
 def test_lean_and_sdk_spans_nest_both_ways_in_one_trace() -> None:
@@ -192,3 +201,26 @@ def test_finish_renames_sets_attributes_marks_errors_and_ends_in_one_call() -> N
     assert second.name == "GET" and second.status.status_code is StatusCode.UNSET
     assert dict(second.attributes or {}) == {"http.response.status_code": 404}
     assert third.status.status_code is StatusCode.OK
+
+
+def test_without_the_default_runtime_context_spans_attach_through_the_api(monkeypatch: Any) -> None:
+    """When OpenTelemetry's runtime context is not the default one (``OTEL_PYTHON_CONTEXT``),
+    ``attach_span``, ``current_context`` and ``detach_span`` go through the API and behave
+    the same; a token from another task's context is logged on detach, never raised."""
+    import contextvars
+
+    import telemetry.spans as spans
+    from telemetry.logging import current_request_id
+
+    provider, _ = _provider()
+    span = LeanTracer(provider, "vigil.http").start_span("GET", kind=SpanKind.SERVER)
+    for var in (None, spans._current_var):
+        monkeypatch.setattr(spans, "_current_var", var)
+        token = spans.attach_span(span, None, "req-2")
+        assert trace.get_current_span() is span and current_request_id() == "req-2"
+        assert spans.current_context() == context.get_current()
+        spans.detach_span(token)
+        assert current_request_id() is None
+        foreign = contextvars.copy_context().run(spans.attach_span, span)
+        spans.detach_span(foreign)  # logged, not raised
+        assert trace.get_current_span() is not span
