@@ -76,11 +76,9 @@ def attach_span(span: trace.Span, parent: Context | None = None, request_id: str
     under :data:`REQUEST_ID_KEY` when given: make them current (in ``parent``, or else in the
     current context) in one context; the token is for :func:`detach_span`."""
     var = _current_var
-    if var is None:
-        base = parent if parent is not None else otel_context.get_current()
-    else:
-        base = parent if parent is not None else var.get()
-    values = {**base, _SPAN_KEY: span}
+    if parent is None:
+        parent = otel_context.get_current() if var is None else var.get()
+    values = {**parent, _SPAN_KEY: span}
     if request_id is not None:
         values[REQUEST_ID_KEY] = request_id
     return otel_context.attach(Context(values)) if var is None else var.set(Context(values))
