@@ -21,6 +21,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -39,6 +40,7 @@ from service.guardrails.retry import Retrier
 from service.health import HealthController
 from service.probes import DependencyProber
 from service.problems import exception_handlers
+from service.routing import ApiRoutes
 from service.settings import Settings, SettingsError
 from telemetry.http import HttpTelemetry
 from telemetry.logging import access_lines, configure_logging, get_logger
@@ -75,6 +77,8 @@ class Resources:
     reads: DegradableReads
     extensions: dict[str, Any] = field(default_factory=dict)
     """Objects components publish for each other (``audit``, ``mailer``, ``auth``...)."""
+    api_middleware: list[DefineMiddleware] = field(default_factory=list)
+    """Middleware of the API's routes only, outermost first (:mod:`service.routing`)."""
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
@@ -174,6 +178,7 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
             _log.info("vigil_stopped")
 
     plugins = [_load(path)(resources) for path in COMPONENTS]
+    plugins.append(ApiRoutes(resources.api_middleware))  # last: it sees every component's routes
     app = Litestar(
         plugins=plugins,
         route_handlers=[HealthController, AdminController, metrics_endpoint, *extra_route_handlers],

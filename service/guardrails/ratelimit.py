@@ -7,7 +7,8 @@ falling back to per-instance memory when Redis fails.
     other /api/*, /admin/*, caller
       with scope["user"].id         -> "user"       per user id         (VIGIL_RATELIMIT_USER)
       anonymous                     -> "anonymous"  per client IP       (VIGIL_RATELIMIT_ANONYMOUS)
-    anything else (/health/*, /metrics, /schema*, ...)  -> exempt, never counted
+    anything else (/health/*, /metrics, /schema*, ...)  -> exempt, never counted: the
+      middleware is mounted on the API's routes only (service.routing)
 
 Groups are read from the matched route template (bounded, already normalised by the router),
 so no spelling of a path reaches another group. The client IP is :func:`service.clientip.client_ip`:
@@ -470,7 +471,7 @@ async def _reject(decision: Decision, send: Any) -> None:
 
 
 class RateLimitComponent(InitPluginProtocol):
-    """Mounts :class:`RateLimitMiddleware` and publishes the :class:`RateLimiter` as
+    """Mounts :class:`RateLimitMiddleware` on the API's routes and publishes the :class:`RateLimiter` as
     ``resources.extensions["ratelimit"]``."""
 
     def __init__(self, resources: Resources) -> None:
@@ -483,10 +484,11 @@ class RateLimitComponent(InitPluginProtocol):
         )
         self.trusted = TrustedProxies(settings.trusted_proxies)
         resources.extensions["ratelimit"] = self.limiter
+        self.resources = resources
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         # An ASGI app over plain dicts (as telemetry.http): Litestar's TypedDict scopes are narrower.
         middleware = cast(Any, RateLimitMiddleware)
-        app_config.middleware.append(DefineMiddleware(middleware, limiter=self.limiter, trusted=self.trusted))
+        self.resources.api_middleware.append(DefineMiddleware(middleware, limiter=self.limiter, trusted=self.trusted))
         app_config.on_shutdown.append(self.limiter.aclose)
         return app_config

@@ -227,6 +227,28 @@ async def test_access_log_line_carries_request_and_trace_ids(client: AsyncTestCl
     assert line["route"] == "/health/live" and line["status"] == 200
 
 
+async def test_api_middleware_is_on_the_api_routes_only(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
+    """Every route under ``/api``, ``/admin`` and ``/ws`` passes authentication, then rate
+    limiting; health, metrics, the schema and the probe routes pass neither (D70)."""
+    from litestar.routes import HTTPRoute
+
+    from service.domain.auth.middleware import AuthenticationMiddleware
+    from service.guardrails.ratelimit import RateLimitMiddleware
+    from service.routing import is_api_path
+
+    api = 0
+    for route in client.app.routes:
+        handlers = route.route_handlers if isinstance(route, HTTPRoute) else [route.route_handler]  # type: ignore[union-attr]
+        for handler in handlers:
+            stack = [m.middleware for m in reversed(handler.resolve_middleware())]  # outermost first
+            if is_api_path(route.path):
+                api += 1
+                assert stack == [AuthenticationMiddleware, RateLimitMiddleware], route.path
+            else:
+                assert stack == [], route.path
+    assert api > 20
+
+
 async def test_errors_are_problem_json_naming_the_field(client: AsyncTestClient) -> None:  # type: ignore[type-arg]
     """Invalid input gets 400 problem+json naming the field (``body`` for a body that cannot be
     decoded: malformed, truncated, not UTF-8, nested too deep); a

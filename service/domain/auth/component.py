@@ -1,5 +1,5 @@
-"""The auth component: mounts the auth API and the authentication middleware, and publishes
-the access-token service as ``resources.extensions["auth"]`` (an
+"""The auth component: mounts the auth API and, on the API's routes, the authentication
+middleware, and publishes the access-token service as ``resources.extensions["auth"]`` (an
 :class:`~service.domain.auth.tokens.AccessTokens`: ``decode(token) -> AuthUser``)."""
 
 from __future__ import annotations
@@ -38,5 +38,5 @@ class AuthComponent(InitPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.route_handlers.append(build_router(self.service))
-        app_config.middleware.append(DefineMiddleware(AuthenticationMiddleware, tokens=self.tokens))
+        self.resources.api_middleware.append(DefineMiddleware(AuthenticationMiddleware, tokens=self.tokens))
         return app_config

@@ -10,9 +10,10 @@ The contract other middleware (the rate limiter) and handlers rely on:
 
 Routes that must work with a stale access token attached (login, refresh, logout, register,
 verify: a client whose access token expired is exactly who calls them) carry the handler
-opt :data:`TOLERATE_INVALID_TOKEN`, and so does everything outside ``/api`` (health,
-``/metrics``, the admin API with its own bearer token): there an invalid token only means
-anonymous.
+opt :data:`TOLERATE_INVALID_TOKEN`, and so do the admin API (its own bearer token) and the
+realtime socket (``/ws``, which refuses an invalid token with its own close code): there an
+invalid token only means anonymous. Routes outside the API (health, ``/metrics``, the schema)
+do not pass this middleware at all (:mod:`service.routing`).
 
 Verification is one HMAC and no I/O: no database lookup per request (revocation acts on
 refresh tokens; an access token lives ``access_token_ttl_seconds`` at most).
