@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from saq.job import Status
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
@@ -66,6 +67,14 @@ async def test_postgres_stopped_during_analysis_is_dead_lettered_replayed_and_re
                 return value(await scrape(port), "pattern_analysis_runs_total", outcome="succeeded") == 1
 
             await eventually(analysed, timeout=15)
+            assert runtime.resources is not None
+            queue = runtime.resources.queue
+
+            async def finished() -> bool:  # past its follow-up check (D25): the events added next are not its
+                job = await queue.job(f"patterns:{alice}:0")
+                return job is not None and job.status == Status.COMPLETE
+
+            await eventually(finished, timeout=15)
             assert _found((await client.get("/api/patterns", headers=auth)).json()) == EXPECTED
             open_before = (await client.get("/api/suggestions", headers=auth)).json()["items"]
             assert len(open_before) == 4
