@@ -73,8 +73,10 @@ class ApiRoutes(InitPluginProtocol):
         self.middleware = middleware
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        api = [handler for handler in app_config.route_handlers if _in_api(handler)]
-        rest = [handler for handler in app_config.route_handlers if not _in_api(handler)]
+        api: list[Any] = []
+        rest: list[Any] = []
+        for handler in app_config.route_handlers:
+            (api if _in_api(handler) else rest).append(handler)
         if api and self.middleware:
             shared = [_Shared(m.middleware, *m.args, **m.kwargs) for m in self.middleware]
             rest.append(Router("/", route_handlers=api, middleware=shared))

@@ -81,6 +81,26 @@ def test_api_routes_pass_the_middleware_in_order_and_other_routes_pass_none() ->
             assert client.get(path).text == "", path
 
 
+def test_the_middleware_arguments_are_the_applications_own_objects() -> None:
+    """Litestar deep-copies the router it registers; the API middleware's arguments (the rate
+    limiter, the token service) stay the very objects the application holds, not copies."""
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, app: ASGIApp, calls: list[str]) -> None:
+            self.app, self.calls = app, calls
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            self.calls.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    app = Litestar(route_handlers=[api_things, outside], plugins=[ApiRoutes([DefineMiddleware(Recorder, calls=calls)])])
+    with TestClient(app) as client:
+        client.get("/api/things")
+        client.get("/health/live")
+    assert calls == ["/api/things"]
+
+
 def test_a_handler_both_inside_and_outside_the_api_is_refused_at_startup() -> None:
     """A handler serving an API path and a non-API path would be unclear about which of its
     paths an unauthenticated caller may reach: building the app fails, naming it."""
