@@ -52,3 +52,17 @@ def test_one_disturbed_round_among_eight_does_not_hide_the_verdict(capsys: Any) 
     rps["vigil"]["query"] = [91.0, 70.0, 93.0, 75.0, 95.0, 72.0, 94.0, 92.0]
     assert bench.report(rps, busy)[2] is False
     assert "NOISY" in capsys.readouterr().out
+
+
+def test_a_wide_middle_half_wholly_on_one_side_of_the_target_still_judges() -> None:
+    """Rounds spread wider than 10 points still give a verdict when the middle half of them lies
+    on one side of the target: PASS when even the lower quartile meets it (a noisy 75-98% for a
+    70% target), FAIL when even the upper quartile misses it; NOISY only when the target falls
+    inside that middle half."""
+    wide_above = [0.76, 0.82, 0.75, 0.96, 0.98, 0.77, 0.80, 0.85]
+    assert bench.verdict(wide_above, 0.70) == "PASS"
+    wide_below = [0.50, 0.55, 0.62, 0.66, 0.58, 0.68, 0.52, 0.60]
+    assert bench.verdict(wide_below, 0.70) == "FAIL"
+    across = [0.62, 0.66, 0.70, 0.74, 0.78, 0.64, 0.76, 0.80]
+    assert bench.verdict(across, 0.70) == "NOISY"
+    assert bench.verdict([0.71, 0.72, 0.70, 0.73], 0.70) == "PASS"  # steady: the median decides
