@@ -166,7 +166,9 @@ def _limiter(board: Board) -> None:
         ),
         timeseries_panel(
             "Authentication events",
-            "Authentication events per second by type; a rise of login_failed is guessing.",
+            "Authentication events per second by type; a rise of login_failed is guessing, one of"
+            " access_token_invalid forged or foreign tokens, one of access_token_expired clients that"
+            " do not refresh.",
             query(f"sum by (event) ({_rate('auth_events_total')})", "{{event}}"),
             unit="cps",
             w=8,

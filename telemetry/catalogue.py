@@ -229,7 +229,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "{event}",
         ("event",),
         "Authentication events: registered, verified, login_succeeded, login_failed, refreshed,"
-        " refresh_reused, logged_out, logged_out_everywhere.",
+        " refresh_reused, logged_out, logged_out_everywhere, and access tokens refused with a 401"
+        " (access_token_expired, access_token_invalid).",
     ),
     # --- E-mail outbox (service/domain/email) -------------------------------------------------
     MetricSpec(

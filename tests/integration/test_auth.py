@@ -553,8 +553,9 @@ async def test_expired_and_tampered_access_tokens_are_401(
 ) -> None:
     """An expired token, a changed signature, a changed payload, alg none, an HS512 or RS256
     header (algorithm confusion) and a token signed with another key each get a 401 problem
-    with WWW-Authenticate: Bearer error="invalid_token" and an auth.token_rejected span event;
-    the genuine token is accepted."""
+    with WWW-Authenticate: Bearer error="invalid_token" and an auth.token_rejected span event,
+    counted in auth_events_total as access_token_expired (1) or access_token_invalid (the other
+    seven); the genuine token is accepted."""
     _, tokens = await _verified_user(client, db)
     genuine = tokens["access_token"]
     user_id = AccessTokens(TEST_SECRET, 900).decode(genuine).id
@@ -583,6 +584,8 @@ async def test_expired_and_tampered_access_tokens_are_401(
     rejected = [e for span in spans.get_finished_spans() for e in span.events if e.name == "auth.token_rejected"]
     assert len(rejected) == len(forged)
     assert sorted({e.attributes["reason"] for e in rejected}) == ["expired", "invalid"]
+    assert await _metric(client, "access_token_expired") == 1
+    assert await _metric(client, "access_token_invalid") == len(forged) - 1
 
 
 async def test_anonymous_callers_and_stale_tokens(client: Client, app: Litestar, db: AsyncEngine) -> None:

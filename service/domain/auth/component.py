@@ -35,8 +35,10 @@ class AuthComponent(InitPluginProtocol):
         events = resources.metrics.counter("auth_events_total")
         for event in EVENTS:  # every series exists from the start, so rate() and alerts see zeros
             events.labels(event)
+        self.rejections = {reason: events.labels(f"access_token_{reason}") for reason in ("expired", "invalid")}
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.route_handlers.append(build_router(self.service))
-        self.resources.api_middleware.append(DefineMiddleware(AuthenticationMiddleware, tokens=self.tokens))
+        middleware = DefineMiddleware(AuthenticationMiddleware, tokens=self.tokens, rejections=self.rejections)
+        self.resources.api_middleware.append(middleware)
         return app_config

@@ -6,7 +6,9 @@ The contract other middleware (the rate limiter) and handlers rely on:
 * no bearer token: ``scope["user"]`` is ``None`` (anonymous; each route decides, protected
   ones with the :func:`requires_user` guard);
 * an invalid, expired or tampered token on an ``/api`` route: 401 problem+json with
-  ``WWW-Authenticate: Bearer error="invalid_token"``, before the handler runs.
+  ``WWW-Authenticate: Bearer error="invalid_token"``, before the handler runs, counted in
+  ``auth_events_total{event="access_token_expired"|"access_token_invalid"}`` and marked on the
+  server span (``auth.token_rejected``).
 
 Routes that must work with a stale access token attached (login, refresh, logout, register,
 verify: a client whose access token expired is exactly who calls them) carry the handler
@@ -21,7 +23,7 @@ refresh tokens; an access token lives ``access_token_ttl_seconds`` at most).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -68,9 +70,12 @@ class AuthenticationMiddleware:
     Litestar's ``ASGIMiddleware``, whose per-request checks for excluded scopes, paths and opts,
     none of which Vigil uses, cost as much as the middleware's own work (D69)."""
 
-    def __init__(self, app: ASGIApp, tokens: AccessTokens) -> None:
+    def __init__(self, app: ASGIApp, tokens: AccessTokens, rejections: Mapping[str, Any]) -> None:
+        """``rejections``: the counter to increment per refusal reason (``expired``,
+        ``invalid``), prometheus-client children of ``auth_events_total``."""
         self.app = app
         self.tokens = tokens
+        self.rejections = rejections
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in _AUTHENTICATED:
@@ -83,8 +88,10 @@ class AuthenticationMiddleware:
                 user = self.tokens.decode(token)
             except InvalidToken as exc:
                 if _strict(scope):
-                    trace.get_current_span().add_event("auth.token_rejected", {"reason": exc.reason})
-                    description = _DESCRIPTIONS.get(exc.reason, _DESCRIPTIONS["invalid"])
+                    reason = exc.reason if exc.reason in _DESCRIPTIONS else "invalid"
+                    self.rejections[reason].inc()
+                    trace.get_current_span().add_event("auth.token_rejected", {"reason": reason})
+                    description = _DESCRIPTIONS[reason]
                     raise NotAuthorizedException(
                         f"{description}; log in again or refresh it.",
                         headers={

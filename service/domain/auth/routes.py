@@ -159,6 +159,9 @@ EVENTS = (
     "refresh_reused",
     "logged_out",
     "logged_out_everywhere",
+    # Counted by the authentication middleware when it refuses a bearer token with a 401.
+    "access_token_expired",
+    "access_token_invalid",
 )
 
 
