@@ -4,6 +4,10 @@ first, e.g. authentication before rate limiting).
 Each entry names a Litestar init plugin, ``"module:Class"``, constructed with the application's
 :class:`service.app.Resources`; in ``on_app_init`` it adds its route handlers, middleware and
 lifespan hooks, and may publish objects for others in ``resources.extensions[name]``.
+Middleware of the API only (authentication, rate limiting) goes to
+``resources.api_middleware`` instead, in the order it runs: ``service.routing.ApiRoutes``,
+mounted after every component, puts it on the API's routes (and explains why an API handler
+must not be a bound method of an object holding state).
 """
 
 from __future__ import annotations

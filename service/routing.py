@@ -8,23 +8,34 @@ of its own is called directly, without those two layers and the exception-handle
 puts under any route middleware (docs/decisions.md, D70).
 
 Components append the API's middleware to ``resources.api_middleware`` (in the order they
-run); :class:`ApiRoutes`, the last init plugin, moves every route handler under
-:data:`API_PREFIXES` into one router at ``/`` that carries it. A handler serving paths both
-inside and outside the API is refused at startup: it would be unclear which of its paths an
+run); :class:`ApiRoutes`, the last init plugin, moves every route handler, controller or
+router registered under :data:`API_PREFIXES` into one router at ``/`` that carries it.
+
+It fails closed: as each route is registered (at startup, or later with ``app.register``), a
+route under the API whose handlers do not carry the API's middleware stops the application
+with an error naming the route, whatever the way it got there (a router at ``/`` holding an
+``/api`` handler, a controller without a path, a late registration). A handler registered
+with paths on both sides is refused too: it would be unclear which of its paths an
 unauthenticated request may reach.
+
+Litestar deep-copies a router when it registers it, so the API's handlers are copies. A
+handler, guard or dependency of an API route must therefore be a function or a closure, not a
+bound method of an object holding state: ``copy.deepcopy`` copies a bound method's object,
+silently. (The middleware's own arguments are shared, see ``_Shared``.)
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from litestar import Controller, Router
+from litestar import Router
 from litestar.config.app import AppConfig
+from litestar.exceptions import ImproperlyConfiguredException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import DefineMiddleware
-from litestar.plugins import InitPluginProtocol
+from litestar.plugins import InitPluginProtocol, ReceiveRoutePlugin
+from litestar.routes import BaseRoute, HTTPRoute
 
 __all__ = ["API_PREFIXES", "ApiRoutes", "is_api_path"]
 
@@ -48,14 +59,14 @@ def is_api_path(path: str) -> bool:
 
 
 def _paths(handler: Any) -> Iterable[str]:
-    """The paths a route handler, controller class or router registers under."""
+    """The paths a route handler, router or class (a controller, a websocket listener)
+    registers under; ``/`` for a class without a path of its own."""
     if isinstance(handler, BaseRouteHandler):
         return handler.paths
     if isinstance(handler, Router):
         return (handler.path,)
-    if inspect.isclass(handler) and issubclass(handler, Controller):
-        return (handler.path,)  # type: ignore[misc]  # a subclass's class attribute, over the base's slot
-    raise TypeError(f"not a route handler, controller or router: {handler!r}")
+    path = getattr(handler, "path", "/")  # a class; on a Controller without one, a slot descriptor
+    return (path if isinstance(path, str) else "/",)
 
 
 def _in_api(handler: Any) -> bool:
@@ -65,22 +76,37 @@ def _in_api(handler: Any) -> bool:
     return inside == {True}
 
 
-class ApiRoutes(InitPluginProtocol):
-    """Mounts ``middleware`` on the route handlers under :data:`API_PREFIXES` only. Must be the
-    last init plugin, so that it sees every component's route handlers."""
+class ApiRoutes(InitPluginProtocol, ReceiveRoutePlugin):
+    """Mounts ``middleware`` on the route handlers under :data:`API_PREFIXES` only, and refuses
+    any API route registered without it. Must be the last init plugin, so that it sees every
+    component's route handlers."""
 
     def __init__(self, middleware: Sequence[DefineMiddleware]) -> None:
         self.middleware = middleware
+        self._shared: list[_Shared] = []
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         api: list[Any] = []
         rest: list[Any] = []
         for handler in app_config.route_handlers:
             (api if _in_api(handler) else rest).append(handler)
-        if api and self.middleware:
-            shared = [_Shared(m.middleware, *m.args, **m.kwargs) for m in self.middleware]
-            rest.append(Router("/", route_handlers=api, middleware=shared))
+        self._shared = [_Shared(m.middleware, *m.args, **m.kwargs) for m in self.middleware]
+        if api and self._shared:
+            rest.append(Router("/", route_handlers=api, middleware=list(self._shared)))
         else:
             rest.extend(api)
         app_config.route_handlers = rest
         return app_config
+
+    def receive_route(self, route: BaseRoute) -> None:
+        """Fail closed: an API route whose handlers lack the API's middleware stops startup."""
+        if not self._shared or not is_api_path(route.path):
+            return
+        handlers = route.route_handlers if isinstance(route, HTTPRoute) else [route.route_handler]  # type: ignore[attr-defined]
+        for handler in handlers:
+            mounted = handler.resolve_middleware()
+            if not all(any(m is shared for m in mounted) for shared in self._shared):
+                raise ImproperlyConfiguredException(
+                    f"route {route.path} is under the API {API_PREFIXES} but was registered without its middleware "
+                    "(authentication, rate limiting): register it at a path under the API, not below a router at '/'"
+                )

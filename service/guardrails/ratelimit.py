@@ -378,7 +378,9 @@ class RateLimiter:
 
 def route_group(path: str) -> Literal["auth", "api"] | None:
     """``auth`` for the auth endpoints, ``api`` for the rest of ``/api`` and ``/admin``, None
-    (exempt) for everything else."""
+    (exempt) for everything else. The middleware is mounted on ``service.routing.API_PREFIXES``
+    only, so of those exempt paths it sees just ``/ws``, whose WebSocket scopes pass anyway; the
+    check stays for a caller that classifies a path itself."""
     if path == "/api/auth" or path.startswith("/api/auth/"):
         return "auth"
     if path in ("/api", "/admin") or path.startswith(("/api/", "/admin/")):

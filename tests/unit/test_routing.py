@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from litestar import Controller, Litestar, Request, Router, get
+from litestar.exceptions import ImproperlyConfiguredException
 from litestar.middleware import DefineMiddleware
 from litestar.testing import TestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -99,6 +100,30 @@ def test_the_middleware_arguments_are_the_applications_own_objects() -> None:
         client.get("/api/things")
         client.get("/health/live")
     assert calls == ["/api/things"]
+
+
+@pytest.mark.parametrize("way", ["router at /", "controller without a path", "registered late"])
+def test_an_api_route_that_would_miss_the_middleware_stops_the_application(way: str) -> None:
+    """Fail closed: an /api route registered so that it would not carry the API's middleware (a
+    router at ``/`` holding it, a controller without a path of its own, ``app.register`` after
+    startup) raises an error naming the route instead of serving it unauthenticated."""
+
+    @get("/api/hidden", sync_to_thread=False)
+    def hidden() -> str:
+        return ""
+
+    class Pathless(Controller):
+        @get("/api/hidden", sync_to_thread=False)
+        def hidden(self) -> str:
+            return ""
+
+    with pytest.raises(ImproperlyConfiguredException, match="/api/hidden"):
+        if way == "router at /":
+            _app(Router("/", route_handlers=[hidden]))
+        elif way == "controller without a path":
+            _app(Pathless)
+        else:
+            _app(outside).register(hidden)
 
 
 def test_a_handler_both_inside_and_outside_the_api_is_refused_at_startup() -> None:
