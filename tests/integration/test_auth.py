@@ -590,7 +590,8 @@ async def test_expired_and_tampered_access_tokens_are_401(
 
 async def test_anonymous_callers_and_stale_tokens(client: Client, app: Litestar, db: AsyncEngine) -> None:
     """Without a token /api/users/me is 401 with WWW-Authenticate; a stale (expired) token does
-    not block login or refresh, nor health and metrics, where a non-JWT bearer is ignored."""
+    not block login or refresh, nor health, metrics and the admin API, where a non-JWT bearer
+    is ignored; tokens ignored like this are not counted as refused."""
     r = await client.get("/api/users/me")
     _assert_problem(r, 401)
     assert r.headers["www-authenticate"].startswith("Bearer")
@@ -606,6 +607,11 @@ async def test_anonymous_callers_and_stale_tokens(client: Client, app: Litestar,
     assert (await client.get("/health/live", headers=_bearer("admin-or-scraper-token"))).status_code == 200
     assert (await client.get("/metrics", headers=_bearer("admin-or-scraper-token"))).status_code == 200
     _assert_problem(await client.get("/api/users/me", headers={"Authorization": "Basic dXNlcjpwYXNz"}), 401)
+    # Tokens only ignored (tolerated or outside the API) are not refusals: nothing counted.
+    # The admin API judges its own token (403 here: no VIGIL_ADMIN_TOKEN is set).
+    assert (await client.get("/admin/breakers", headers=_bearer("admin-or-scraper-token"))).status_code == 403
+    assert await _metric(client, "access_token_expired") == 0
+    assert await _metric(client, "access_token_invalid") == 0
 
 
 async def test_middleware_publishes_the_user_in_scope(

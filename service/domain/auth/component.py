@@ -10,7 +10,7 @@ from litestar.config.app import AppConfig
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
 
-from service.domain.auth.middleware import AuthenticationMiddleware
+from service.domain.auth.middleware import REJECTION_REASONS, AuthenticationMiddleware
 from service.domain.auth.passwords import Passwords
 from service.domain.auth.routes import EVENTS, build_router
 from service.domain.auth.service import AuthService
@@ -35,7 +35,7 @@ class AuthComponent(InitPluginProtocol):
         events = resources.metrics.counter("auth_events_total")
         for event in EVENTS:  # every series exists from the start, so rate() and alerts see zeros
             events.labels(event)
-        self.rejections = {reason: events.labels(f"access_token_{reason}") for reason in ("expired", "invalid")}
+        self.rejections = {reason: events.labels(f"access_token_{reason}") for reason in REJECTION_REASONS}
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.route_handlers.append(build_router(self.service))

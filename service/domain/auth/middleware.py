@@ -12,10 +12,12 @@ The contract other middleware (the rate limiter) and handlers rely on:
 
 Routes that must work with a stale access token attached (login, refresh, logout, register,
 verify: a client whose access token expired is exactly who calls them) carry the handler
-opt :data:`TOLERATE_INVALID_TOKEN`, and so do the admin API (its own bearer token) and the
-realtime socket (``/ws``, which refuses an invalid token with its own close code): there an
-invalid token only means anonymous. Routes outside the API (health, ``/metrics``, the schema)
-do not pass this middleware at all (:mod:`service.routing`).
+opt :data:`TOLERATE_INVALID_TOKEN`: there an invalid token only means anonymous, and is not
+counted. So it is outside :data:`API_PREFIX`: in the admin API (its own bearer token) and on
+the realtime socket (``/ws``, which refuses an invalid token with its own close code and
+counts it in ``realtime_connections_rejected_total``). Routes outside the API as
+:mod:`service.routing` defines it (health, ``/metrics``, the schema) do not pass this
+middleware at all.
 
 Verification is one HMAC and no I/O: no database lookup per request (revocation acts on
 refresh tokens; an access token lives ``access_token_ttl_seconds`` at most).
@@ -35,15 +37,18 @@ from opentelemetry import trace
 
 from service.domain.auth.tokens import AccessTokens, AuthUser, InvalidToken
 
-__all__ = ["API_PREFIX", "TOLERATE_INVALID_TOKEN", "AuthenticationMiddleware", "requires_user"]
+__all__ = ["API_PREFIX", "REJECTION_REASONS", "TOLERATE_INVALID_TOKEN", "AuthenticationMiddleware", "requires_user"]
 
 #: Handler opt: an invalid bearer token makes the caller anonymous instead of a 401.
 TOLERATE_INVALID_TOKEN = "vigil_tolerate_invalid_token"
-#: Paths under which a bearer token is Vigil's access token and an invalid one is refused.
+#: Paths under which a bearer token is Vigil's access token and an invalid one is refused (the
+#: client API: a part of what ``service.routing.API_PREFIXES`` mounts this middleware on).
 API_PREFIX = "/api/"
 
 _AUTHENTICATED = frozenset({ScopeType.HTTP, ScopeType.WEBSOCKET})
 _DESCRIPTIONS = {"expired": "The access token expired", "invalid": "The access token is invalid"}
+#: Why a token is refused: ``auth_events_total{event="access_token_<reason>"}``.
+REJECTION_REASONS = tuple(_DESCRIPTIONS)
 
 
 def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

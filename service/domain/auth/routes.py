@@ -32,7 +32,7 @@ from litestar.params import FromQuery
 from opentelemetry import trace
 
 from service.clientip import request_ip
-from service.domain.auth.middleware import TOLERATE_INVALID_TOKEN, requires_user
+from service.domain.auth.middleware import REJECTION_REASONS, TOLERATE_INVALID_TOKEN, requires_user
 from service.domain.auth.service import (
     AccountView,
     AuthService,
@@ -160,8 +160,7 @@ EVENTS = (
     "logged_out",
     "logged_out_everywhere",
     # Counted by the authentication middleware when it refuses a bearer token with a 401.
-    "access_token_expired",
-    "access_token_invalid",
+    *(f"access_token_{reason}" for reason in REJECTION_REASONS),
 )
 
 
