@@ -1,4 +1,4 @@
-"""The telemetry benchmark never passes (or fails) Vigil on a run the machine made too noisy."""
+"""The telemetry benchmark never passes (or fails) Vigil on a run whose noise straddles the target."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def test_steady_rounds_give_a_verdict_against_the_targets(capsys: Any) -> None:
     assert "FAIL" in out and "NOISY" not in out
 
 
-def test_rounds_that_spread_by_more_than_ten_points_give_no_verdict(capsys: Any) -> None:
-    """A route whose per-round vigil/bare ratios spread by more than 10 points is NOISY, and the
-    run does not pass, even though its median (here 90%) meets the target."""
+def test_rounds_that_spread_by_more_than_ten_points_across_the_target_give_no_verdict(capsys: Any) -> None:
+    """A route whose per-round vigil/bare ratios spread by more than 10 points with the target
+    inside that spread is NOISY, and the run does not pass, even though its median (here 90%)
+    meets the target."""
     assert bench.report(*_runs([72.0, 73.0, 71.0], [8.0, 12.0, 9.0]))[2] is False
     out = capsys.readouterr().out
     assert "NOISY" in out and "no verdict" in out
@@ -39,7 +40,7 @@ def test_rounds_that_spread_by_more_than_ten_points_give_no_verdict(capsys: Any)
 def test_one_disturbed_round_among_eight_does_not_hide_the_verdict(capsys: Any) -> None:
     """The guard is the interquartile range of the per-round ratios: with eight rounds, one
     round a neighbour disturbed (here 60% among 91-93%) leaves a verdict on the median, while
-    rounds whose middle half spreads by more than 10 points still give none."""
+    rounds whose middle half spreads by more than 10 points across the target still give none."""
     steady = [91.0, 92.0, 93.0, 92.0, 60.0, 91.0, 93.0, 92.0]
     rps = {
         "bare": {"trivial": [100.0] * 8, "query": [100.0] * 8},
@@ -66,3 +67,15 @@ def test_a_wide_middle_half_wholly_on_one_side_of_the_target_still_judges() -> N
     across = [0.62, 0.66, 0.70, 0.74, 0.78, 0.64, 0.76, 0.80]
     assert bench.verdict(across, 0.70) == "NOISY"
     assert bench.verdict([0.71, 0.72, 0.70, 0.73], 0.70) == "PASS"  # steady: the median decides
+
+
+def test_a_narrow_middle_half_is_judged_on_its_median_even_with_the_target_inside() -> None:
+    """Rounds within 10 points of each other give a verdict on the median wherever the target
+    lies among them (here 70.5% against 70%); at the edges of a wide middle half, a target equal
+    to the lower quartile passes and one equal to the upper quartile is NOISY."""
+    assert bench.verdict([0.67, 0.68, 0.69, 0.70, 0.71, 0.72, 0.73, 0.74], 0.70) == "PASS"
+    wide = [0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95]
+    q1, q3 = bench.quartiles(wide)
+    assert q3 - q1 > bench.MAX_SPREAD
+    assert bench.verdict(wide, q1) == "PASS"
+    assert bench.verdict(wide, q3) == "NOISY"
