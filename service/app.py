@@ -29,7 +29,6 @@ from service.admin import AdminController
 from service.components import COMPONENTS
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.pool import observe_pool
-from service.db.session import session_provider
 from service.guardrails.breaker import CircuitBreaker
 from service.guardrails.breaker_admin import BreakerRegistry
 from service.guardrails.cache import Cache
@@ -182,7 +181,7 @@ def create_app(settings: Settings, extra_route_handlers: Sequence[Any] = ()) -> 
     app = Litestar(
         plugins=plugins,
         route_handlers=[HealthController, AdminController, metrics_endpoint, *extra_route_handlers],
-        dependencies={"db_session": Provide(session_provider(resources.db))},
+        dependencies={"db_session": Provide(resources.db.sessions)},  # one AsyncSession per request
         state=State({"vigil": resources}),
         lifespan=[lifespan],
         # After every component's lifespan has started: see freeze_startup_heap.

@@ -58,7 +58,11 @@ class DatabaseGuard:
         """One session whose use is one call through the breaker, as an async generator. It is
         the ``db_session`` dependency itself (Litestar drives it and throws a handler's error
         into it: one generator per request instead of a generator around a context manager
-        around a generator, D69); :meth:`session` is the same as a context manager."""
+        around a generator, D69); :meth:`session` is the same as a context manager. Refused with
+        503 + Retry-After while the breaker is open; a pool checkout that waits longer than
+        ``db_pool_timeout_seconds`` raises, which the error handlers answer with 503. It takes
+        no parameters on purpose: a ``state: State`` parameter made Litestar build two ``State``
+        objects and convert them on every request that reads the database."""
         try:
             start = self.breaker.acquire()
         except CallNotPermitted as refused:

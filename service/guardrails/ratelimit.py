@@ -402,7 +402,7 @@ class RateLimitMiddleware:
 
     def group(self, scope: dict[str, Any]) -> Literal["auth", "api"] | None:
         """The route group of an HTTP ``scope``; None when its route is exempt. Not a coroutine:
-        an exempt request (health, metrics) costs a dict lookup, not an await (D69)."""
+        an exempt request costs a dict lookup, not an await (D69)."""
         template = scope.get("path_template")
         if template is None:
             return route_group(scope["path"])
