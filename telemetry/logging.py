@@ -48,10 +48,13 @@ def json_lines() -> bool:
     return _json_lines
 
 
-class AccessLine(msgspec.Struct):
+class AccessLine(msgspec.Struct, gc=False):
     """One per-request access line, written as structlog's JSON renderer writes a line, with the
     same keys in the same order, without its processor chain (~40 µs cheaper, D14). A struct
-    instead of a dict: built in C, and encoded ~35% faster (D68)."""
+    instead of a dict: built in C, and encoded ~35% faster (D68). Not tracked by the garbage
+    collector (``gc=False``: its fields are strings and numbers, it can hold no cycle): a line
+    waits up to ``access_log_flush_seconds`` in memory, long enough to be carried through every
+    generation of collections, ~800 lines at a time under load (D74)."""
 
     method: str
     route: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from typing import Any
 
@@ -31,6 +32,18 @@ def text(*ns: int | str) -> str:
         + "\n"
         for n in ns
     )  # fmt: skip
+
+
+def test_lines_are_not_tracked_by_the_garbage_collector(capsys: Any) -> None:
+    """An access line is invisible to the garbage collector (D74): lines waiting for a flush
+    are never walked by a collection, before or after the flush puts a datetime in them."""
+    line = fields(1)
+    lines = AccessLines(interval=3600)
+    lines.add(line)
+    assert not gc.is_tracked(line)
+    lines.flush()
+    assert capsys.readouterr().out == text(1)
+    assert not gc.is_tracked(line)
 
 
 def test_with_interval_zero_each_line_is_written_at_once(capsys: Any) -> None:
