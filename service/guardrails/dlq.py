@@ -378,9 +378,13 @@ class DeadLetterQueue:
         """One round: claim due entries and hand each payload to ``handler`` (or all of them at
         once to ``batch_handler``, falling back to one at a time when the batch fails, so a
         poison entry is isolated). Raises :class:`DeadLetterUnavailable` when Redis fails; entries
-        it had claimed are due again when their lease ends."""
+        it had claimed are due again when their lease ends. A queue that ``refresh`` just read
+        as empty in Redis is not asked for due entries (one round trip fewer per round for an
+        empty queue, the usual case: D74)."""
         await self.refresh()
         report = ReplayReport()
+        if self._redis_count == 0 and not self._spooling:
+            return report
         entries = await self.take_due(limit, now)
         if not entries:
             return report

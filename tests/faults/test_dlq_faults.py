@@ -89,6 +89,32 @@ def config(**kw: Any) -> DLQConfig:
     return DLQConfig(**base)
 
 
+async def script_calls(redis: aioredis.Redis) -> int:
+    """Lua script calls (EVAL and EVALSHA) the server has run so far."""
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0)) for cmd in ("eval", "evalsha"))
+
+
+async def test_a_round_on_an_empty_queue_reads_its_depth_and_claims_nothing(
+    redis_pair: tuple[EmbeddedRedis, aioredis.Redis], tmp_path: Path
+) -> None:
+    """A replay round that finds the queue empty in Redis stops after reading the depth: no
+    claim script runs (D74). Once an entry is there and due, the next round claims and replays it."""
+    _, redis = redis_pair
+    clock = FakeClock()
+    dlq = DeadLetterQueue("idle", redis, tmp_path, Metrics(), config(), clock=clock)
+    handler = Handler()
+    before = await script_calls(redis)
+    report = await dlq.replay(handler)
+    assert (report.replayed, report.failed) == (0, 0)
+    assert await script_calls(redis) == before
+    await dlq.put({"n": 1}, "boom")
+    clock.now += 3600  # past the first backoff
+    assert (await dlq.replay(handler)).replayed == 1
+    assert handler.seen == [{"n": 1}]
+    assert await dlq.depth() == 0
+
+
 async def test_put_list_replay_park_and_discard_with_metrics(client: aioredis.Redis, tmp_path: Path) -> None:
     """Entries keep payload, error, attempts and times; a replay round removes the ones the
     handler takes (``replayed``), schedules a failed one after a backoff, parks it after
