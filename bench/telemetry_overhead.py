@@ -119,6 +119,28 @@ def ensure_peer_dependency() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", pin], check=True)
 
 
+def host() -> str:
+    """The CPU this runs on, and its caches as CPU 0 sees them (Linux ``/proc`` and ``/sys``):
+    printed with the figures, because this VM lands on different hosts from day to day and the
+    query route's ratio moves with the host's caches (D74)."""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        return "unknown CPU"
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches.append(f"L{level}{'' if kind == 'Unified' else kind[0].lower()} {size}")
+    return f"{model}, {os.cpu_count()} CPUs" + (f" ({', '.join(caches)})" if caches else "")
+
+
 def pinning(cpu: int) -> list[str]:
     """A ``taskset`` prefix pinning to ``cpu``, or nothing on one CPU or without taskset."""
     if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
@@ -462,6 +484,7 @@ def main() -> int:
     ensure_peer_dependency()
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        print(f"host: {host()}", flush=True)
         print(f"starting PostgreSQL and Redis, seeding {ROWS} users...", flush=True)
         pg, redis = start_databases(tmp)
         # No OTLP endpoint: spans are never exported, in any variant (see bench/apps.py).
@@ -485,11 +508,12 @@ def main() -> int:
     if args.instructions:
         report_instructions(per_request)
         if args.json:
-            args.json.write_text(json.dumps({"instructions_per_request": per_request}, indent=2) + "\n")
+            args.json.write_text(json.dumps({"host": host(), "instructions_per_request": per_request}, indent=2) + "\n")
         return 0
     median, per_cpu, ok = report(rps, busy)
     if args.json:
         result = {
+            "host": host(),
             "settings": vars(args) | {"json": str(args.json)},
             "runs": rps,
             "server_cpu": busy,
