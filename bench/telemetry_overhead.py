@@ -476,15 +476,16 @@ def main() -> int:
         "--instructions",
         action="store_true",
         help="count CPU instructions per request under valgrind instead of measuring throughput "
-        "(about 8 minutes; the same figures on a busy machine as on a quiet one)",
+        "(about 8 minutes; far less moved by other load than throughput, see bench/README.md)",
     )
     args = parser.parse_args()
 
     wrk = "" if args.instructions else ensure_tool("wrk")
     ensure_peer_dependency()
+    machine = host()
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        print(f"host: {host()}", flush=True)
+        print(f"host: {machine}", flush=True)
         print(f"starting PostgreSQL and Redis, seeding {ROWS} users...", flush=True)
         pg, redis = start_databases(tmp)
         # No OTLP endpoint: spans are never exported, in any variant (see bench/apps.py).
@@ -508,12 +509,13 @@ def main() -> int:
     if args.instructions:
         report_instructions(per_request)
         if args.json:
-            args.json.write_text(json.dumps({"host": host(), "instructions_per_request": per_request}, indent=2) + "\n")
+            result = {"host": machine, "instructions_per_request": per_request}
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     median, per_cpu, ok = report(rps, busy)
     if args.json:
         result = {
-            "host": host(),
+            "host": machine,
             "settings": vars(args) | {"json": str(args.json)},
             "runs": rps,
             "server_cpu": busy,
